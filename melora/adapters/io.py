@@ -1,0 +1,215 @@
+"""Adapters on disk: ours (safetensors + JSON) and PEFT's LoRA format.
+
+``save_adapter`` writes two files::
+
+    adapter_config.json        method, hyper-parameters, base model, target layers and shapes
+    adapter_model.safetensors  "<layer>.lora_A", "<layer>.lora_B", ..., "modules_to_save.<module>.<param>"
+
+Delta-LoRA also stores each target's moved base weight ("<layer>.base_layer.weight"),
+since its training changes ``W`` itself. Nothing is pickled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file, save_file
+
+from melora.adapters.config import AdaLoRAConfig, DeltaLoRAConfig, MELoRAConfig, config_from_dict
+from melora.adapters.inject import (
+    find_modules_to_save,
+    get_config,
+    inject,
+    layer_summary,
+    unwrap_base_model,
+)
+from melora.adapters.layer import MELoRALinear, is_adaptable, linear_dims
+from melora.adapters.methods import adapter_layers
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+SAVED_PREFIX = "modules_to_save."
+FORMAT_VERSION = 1
+
+
+def _atomic_write_json(path: Path, obj: dict) -> None:
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(f.name, path)
+
+
+def _atomic_save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
+    os.replace(tmp, path)
+
+
+def base_model_name(model: nn.Module) -> str | None:
+    config = getattr(unwrap_base_model(model), "config", None)
+    return getattr(config, "_name_or_path", None) or None
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every tensor an adapter consists of, keyed as in ``adapter_model.safetensors``."""
+    config = get_config(model)
+    if isinstance(config, AdaLoRAConfig):
+        # Full-size factors with the pruned singular values zero in lora_E; PEFT's
+        # own state dict resizes them by a rank pattern that exists only at the end.
+        return {k: v for k, v in model.state_dict().items() if _is_adalora_key(k)}
+    tensors = {}
+    for name, layer in adapter_layers(model).items():
+        if layer.merged:
+            raise ValueError(f"layer '{name}' is merged; unmerge() before saving the adapter")
+        for pname, p in layer.adapter_parameters().items():
+            tensors[f"{name}.{pname}"] = p
+        if isinstance(config, DeltaLoRAConfig):
+            tensors[f"{name}.base_layer.weight"] = layer.base_layer.weight
+    for module_name in find_modules_to_save(model, config):
+        for pname, p in model.get_submodule(module_name).named_parameters():
+            tensors[f"{SAVED_PREFIX}{module_name}.{pname}"] = p
+    return tensors
+
+
+def _is_adalora_key(key: str) -> bool:
+    return any(f".{part}." in key for part in ("lora_A", "lora_B", "lora_E", "ranknum", "modules_to_save"))
+
+
+def _target_layers(model: nn.Module) -> list[dict]:
+    out = []
+    for name, module in unwrap_base_model(model).named_modules():
+        layer = layer_summary(name, module)
+        if layer is not None:
+            out.append({"name": name, "d_in": layer.d_in, "d_out": layer.d_out})
+    return out
+
+
+def save_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
+    """Write the adapter of ``model`` to ``directory`` (created if needed)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    config = get_config(model)
+    tensors = adapter_state_dict(model)
+    meta = {
+        "format": "melora-adapter",
+        "format_version": FORMAT_VERSION,
+        "method": config.method,
+        "config": config.to_dict(),
+        "base_model": base_model_name(model),
+        "target_layers": _target_layers(model),
+        "tensors": {k: list(v.shape) for k, v in tensors.items()},
+    }
+    _atomic_save_tensors(tensors, directory / WEIGHTS_FILE)
+    _atomic_write_json(directory / CONFIG_FILE, meta)
+    return directory
+
+
+def read_adapter_config(directory: str | os.PathLike) -> dict:
+    path = Path(directory) / CONFIG_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: is '{directory}' a folder written by melora.save_adapter?")
+    meta = json.loads(path.read_text())
+    if meta.get("format") != "melora-adapter":
+        raise ValueError(f"{path} is not a melora adapter config (a PEFT adapter? load it with peft.PeftModel)")
+    return meta
+
+
+def load_adapter(base_model: nn.Module, directory: str | os.PathLike, strict_base_model: bool = False) -> nn.Module:
+    """Inject the saved adapter's config into ``base_model`` and load its weights.
+
+    Args:
+        base_model: A fresh model of the architecture the adapter was trained on.
+        directory: A folder written by ``save_adapter``.
+        strict_base_model: Also require the recorded base-model name to match.
+
+    Raises:
+        ValueError: the base model lacks a recorded layer, a shape differs, or
+            (with ``strict_base_model``) the base-model name differs.
+    """
+    directory = Path(directory)
+    meta = read_adapter_config(directory)
+    config = config_from_dict(meta["config"])
+    recorded, actual = meta.get("base_model"), base_model_name(base_model)
+    if strict_base_model and recorded != actual:
+        raise ValueError(f"adapter in {directory} was trained on base model '{recorded}', got '{actual}'")
+    hint = f"the adapter was trained on '{recorded}'" + (f", this model is '{actual}'" if actual else "")
+    modules = dict(base_model.named_modules())
+    for layer in meta["target_layers"]:
+        module = modules.get(layer["name"])
+        if module is None:
+            raise ValueError(f"base model has no layer '{layer['name']}' recorded in {directory}: {hint}")
+        dims = linear_dims(module) if is_adaptable(module) else None
+        if dims != (layer["d_in"], layer["d_out"]):
+            raise ValueError(
+                f"layer '{layer['name']}' has (d_in, d_out)={dims}, the adapter expects "
+                f"({layer['d_in']}, {layer['d_out']}): {hint}"
+            )
+    model = inject(base_model, config)
+    tensors = load_file(str(directory / WEIGHTS_FILE))
+    own = adapter_state_dict(model)
+    missing, unexpected = sorted(set(own) - set(tensors)), sorted(set(tensors) - set(own))
+    if missing or unexpected:
+        raise ValueError(f"adapter tensors do not fit this model: missing {missing[:5]}, unexpected {unexpected[:5]}: {hint}")
+    with torch.no_grad():
+        for key, target in own.items():
+            source = tensors[key]
+            if source.shape != target.shape:
+                raise ValueError(f"tensor '{key}' has shape {tuple(source.shape)}, the model expects {tuple(target.shape)}: {hint}")
+            target.copy_(source)
+    return model
+
+
+def export_peft_lora(model: nn.Module, directory: str | os.PathLike) -> Path:
+    """Write a MELoRA (or LoRA) adapter as a standard PEFT LoRA adapter folder.
+
+    ``ΔW = s·blockdiag(B_i)·blockdiag(A_i)`` is a LoRA of rank ``R = n·r`` whose
+    factors are the block-diagonal matrices, zero off the diagonal:
+    ``lora_A.weight = blockdiag(A_i)`` ``(R, d_in)``,
+    ``lora_B.weight = blockdiag(B_i)`` ``(d_out, R)``, and ``lora_alpha = s·R``
+    so that PEFT's ``lora_alpha / r`` equals ``s``. ``peft.PeftModel.from_pretrained``
+    then reproduces the model's outputs, and any LoRA serving stack can serve it.
+    """
+    config = get_config(model)
+    if not isinstance(config, MELoRAConfig) or isinstance(config, DeltaLoRAConfig):
+        raise ValueError(f"export_peft_lora supports methods 'melora' and 'lora', not '{config.method}'")
+    layers = adapter_layers(model, MELoRALinear)
+    ranks = {layer.equivalent_rank for layer in layers.values()}
+    scales = {layer.scaling for layer in layers.values()}
+    if len(ranks) != 1 or len(scales) != 1:
+        raise ValueError(f"layers disagree on rank {ranks} or scaling {scales}; PEFT needs one of each")
+    rank, scale = ranks.pop(), scales.pop()
+    fan_in_fan_out = {layer.fan_in_fan_out for layer in layers.values()}
+    tensors = {}
+    for name, layer in layers.items():
+        if layer.merged:
+            raise ValueError(f"layer '{name}' is merged; unmerge() before exporting")
+        tensors[f"base_model.model.{name}.lora_A.weight"] = torch.block_diag(*layer.lora_A.detach())
+        tensors[f"base_model.model.{name}.lora_B.weight"] = torch.block_diag(*layer.lora_B.detach())
+    saved = find_modules_to_save(model, config)
+    for module_name in saved:
+        for pname, p in model.get_submodule(module_name).named_parameters():
+            tensors[f"base_model.model.{module_name}.{pname}"] = p.detach()
+    peft_config = {
+        "peft_type": "LORA",
+        "task_type": None,
+        "base_model_name_or_path": base_model_name(model),
+        "r": rank,
+        "lora_alpha": scale * rank,
+        "lora_dropout": config.dropout,
+        "target_modules": sorted(layers),
+        "modules_to_save": saved or None,
+        "fan_in_fan_out": fan_in_fan_out == {True},
+        "bias": "none",
+        "use_rslora": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+    }
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    _atomic_save_tensors(tensors, directory / WEIGHTS_FILE)
+    _atomic_write_json(directory / "adapter_config.json", peft_config)
+    return directory

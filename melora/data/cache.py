@@ -1,0 +1,80 @@
+"""Stable fingerprints for caching preprocessed datasets.
+
+``datasets`` caches ``Dataset.map`` results next to a dataset's own Arrow
+files, which in-memory datasets (built from TSV/JSON here) do not have. The
+helpers below build cache keys that are stable across processes, so explicit
+``cache_file_name`` paths can be used instead.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+_CHUNK = 1 << 20
+
+
+def stable_hash(*parts: Any) -> str:
+    """Hash JSON-serialisable values into a short hex digest.
+
+    Args:
+        *parts (Any): Values to hash; non-JSON types are hashed through ``str``.
+
+    Returns:
+        str: The first 16 hex characters of the SHA-256 digest.
+    """
+    payload = json.dumps(parts, sort_keys=True, default=str, ensure_ascii=True)
+    return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:16]
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """Return the SHA-256 hex digest of a file's bytes.
+
+    Args:
+        path (str | os.PathLike): The file.
+
+    Returns:
+        str: The full hex digest.
+    """
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(_CHUNK), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """Identify a tokenizer by class, ``name_or_path``, size and vocabulary.
+
+    The vocabulary is hashed too because two different tokenizers can share a
+    ``name_or_path`` (e.g. several GGUF files in one folder). The runtime
+    truncation/padding state is deliberately not part of the key.
+
+    Args:
+        tokenizer (Any): A ``transformers`` tokenizer.
+
+    Returns:
+        str: A 16-hex-character fingerprint.
+    """
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
+    return stable_hash(
+        type(tokenizer).__name__,
+        str(getattr(tokenizer, "name_or_path", "")),
+        len(tokenizer),
+        hashlib.sha256(json.dumps(vocab, ensure_ascii=True).encode("utf-8")).hexdigest(),
+    )
+
+
+def default_cache_dir() -> Path:
+    """Return the default folder for tokenised datasets.
+
+    Returns:
+        Path: ``$HF_DATASETS_CACHE/melora/tokenized`` (``datasets``' own cache
+        root, so the usual environment variable relocates it).
+    """
+    import datasets
+
+    return Path(datasets.config.HF_DATASETS_CACHE) / "melora" / "tokenized"
