@@ -1,0 +1,55 @@
+"""Datasets for the MELoRA experiments: GLUE (NLU) and Alpaca (instruction tuning).
+
+Submodules:
+
+* :mod:`melora.data.glue_tasks` - the GLUE task registry (no heavy imports);
+* :mod:`melora.data.glue` - ``load_glue``, ``subsample``, ``tokenize_glue``;
+* :mod:`melora.data.alpaca` - ``load_alpaca``, ``train_dev_split``,
+  ``build_prompt``, ``tokenize_alpaca``, ``CausalLMCollator``;
+* :mod:`melora.data.errors` - ``DataFormatError``.
+
+The names below are importable from ``melora.data`` directly; they are loaded
+on first use so that importing the package does not import ``datasets``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "DataFormatError": "melora.data.errors",
+    "DATA_DIR_ENV": "melora.data.paths",
+    "resolve_data_dir": "melora.data.paths",
+    "GLUE_TASKS": "melora.data.glue_tasks",
+    "GlueTask": "melora.data.glue_tasks",
+    "get_task": "melora.data.glue_tasks",
+    "main_metric": "melora.data.glue_tasks",
+    "glue_features": "melora.data.glue",
+    "load_glue": "melora.data.glue",
+    "subsample": "melora.data.glue",
+    "tokenize_glue": "melora.data.glue",
+    "glue_collator": "melora.data.glue",
+    "load_alpaca": "melora.data.alpaca",
+    "train_dev_split": "melora.data.alpaca",
+    "build_prompt": "melora.data.alpaca",
+    "tokenize_alpaca": "melora.data.alpaca",
+    "CausalLMCollator": "melora.data.alpaca",
+    "length_grouped_sampler": "melora.data.alpaca",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    """Import an exported name from its submodule on first access."""
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    """List the lazily exported names too."""
+    return sorted(set(globals()) | set(_EXPORTS))

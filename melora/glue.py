@@ -1,0 +1,147 @@
+"""GLUE fine-tuning (paper Table 2): ``python -m melora.glue [overrides]``.
+
+``train_glue(cfg)`` does the work and returns the run record; ``main`` is the
+Hydra entry point. Each run writes to its folder::
+
+    .hydra/config.yaml     resolved config (Hydra)
+    config.yaml            the same, next to the record
+    record.json            metrics per epoch, best metric/epoch, params, timing, versions
+    adapter/               best-epoch adapter (safetensors + JSON)
+    checkpoint/            last checkpoint, for resume
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import hydra
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from melora.adapters.inject import inject
+from melora.adapters.methods import get_method
+from melora.experiment import adapter_config, check_run_dir, resolved, seed_everything, trainer_config
+from melora.train.loggers import make_logger
+from melora.train.records import atomic_write_text, config_hash
+from melora.train.trainer import Trainer, total_optimizer_steps
+
+log = logging.getLogger(__name__)
+
+
+def prepare_glue_data(cfg: DictConfig, tokenizer):
+    """Load, subsample and tokenise the task; returns ``(train, {eval_split: dataset})``."""
+    from melora.data.glue import load_glue, subsample, tokenize_glue
+
+    dsdict = load_glue(cfg.task.name, data_dir=cfg.data_dir, source=cfg.task.source)
+    # The subset depends on the data seed only, so every method/seed sees the same examples.
+    dsdict["train"] = subsample(dsdict["train"], cfg.task.max_train_samples, seed=1234)
+    for split in [s for s in dsdict if s != "train"]:
+        dsdict[split] = subsample(dsdict[split], cfg.task.max_eval_samples, seed=1234)
+    tokenized = tokenize_glue(dsdict, tokenizer, cfg.task.name, cfg.task.max_length, cache_dir=cfg.cache_dir)
+    return tokenized["train"], {s: tokenized[s] for s in tokenized if s != "train"}
+
+
+def make_glue_evaluator(task: str, eval_sets: dict, collate_fn, batch_size: int):
+    """``evaluate(model, accelerator) -> metrics`` over the dev split(s), gathered across processes."""
+    from torch.utils.data import DataLoader
+
+    from melora.data.glue_tasks import get_task
+    from melora.metrics import glue_metrics
+
+    spec = get_task(task)
+    loaders = {}
+
+    def evaluate(model, accelerator) -> dict[str, float]:
+        metrics = {}
+        for split, ds in eval_sets.items():
+            if split not in loaders:
+                loaders[split] = accelerator.prepare(DataLoader(ds, batch_size=batch_size, collate_fn=collate_fn))
+            preds, refs = [], []
+            for batch in loaders[split]:
+                logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+                logits, labels = accelerator.gather_for_metrics((logits.float(), batch["labels"]))
+                preds.append(logits.squeeze(-1) if spec.is_regression else logits.argmax(-1))
+                refs.append(labels)
+            result = glue_metrics(task, torch.cat(preds).cpu().numpy(), torch.cat(refs).cpu().numpy())
+            prefix = "" if split == "validation" else f"{split.removeprefix('validation_')}_"
+            metrics.update({prefix + k: float(v) for k, v in result.items()})
+        return metrics
+
+    return evaluate
+
+
+def train_glue(cfg: DictConfig) -> dict:
+    """Fine-tune ``cfg.model`` with ``cfg.method`` on ``cfg.task``; returns the record."""
+    from melora.data.glue import glue_collator
+    from melora.data.glue_tasks import get_task
+    from melora.models import load_sequence_classifier, load_tokenizer
+
+    run_dir = Path(cfg.run_dir)
+    config = resolved(cfg)
+    existing = check_run_dir(run_dir, config)
+    if existing is not None and existing.get("status") == "completed":
+        log.info("%s is already complete (best %s = %s); skipping", run_dir, cfg.task.metric, existing.get("best_metric"))
+        return existing
+    if existing is not None and not cfg.resume:
+        raise ValueError(f"{run_dir} holds an unfinished run and resume=false; remove it or set resume=true")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+
+    seed_everything(cfg.seed)
+    spec = get_task(cfg.task.name)
+    started = time.time()
+    tokenizer = load_tokenizer(cfg.model)
+    train_set, eval_sets = prepare_glue_data(cfg, tokenizer)
+    tcfg = trainer_config(cfg)
+    total_steps = total_optimizer_steps(len(train_set), tcfg)
+    acfg = adapter_config(cfg.method, total_steps)
+
+    seed_everything(cfg.seed)  # the head and A init depend on the seed only, not on data loading
+    model = load_sequence_classifier(cfg.model, spec.num_labels, "regression" if spec.is_regression else "single_label_classification")
+    model = inject(model, acfg, seed=cfg.seed)
+    collate = glue_collator(tokenizer)
+    name = f"{cfg.task.name}/{cfg.model.name}/{cfg.method.tag}/seed{cfg.seed}"
+    record = {
+        "name": name,
+        "kind": "glue",
+        "profile": cfg.profile.name,
+        "task": cfg.task.name,
+        "metric": cfg.task.metric,
+        "model": cfg.model.name,
+        "model_name_or_path": cfg.model.name_or_path,
+        "method_tag": cfg.method.tag,
+        "method_config": acfg.to_dict(),
+        "seed": cfg.seed,
+        "eval_sizes": {s: len(d) for s, d in eval_sets.items()},
+        "config": config,
+        "config_hash": config_hash(config),
+        "started_at": started,
+    }
+    trainer = Trainer(
+        model=model,
+        method=get_method(acfg, seed=cfg.seed),
+        train_dataset=train_set,
+        collate_fn=collate,
+        evaluate=make_glue_evaluator(cfg.task.name, eval_sets, collate, batch_size=max(64, tcfg.batch_size)),
+        main_metric=cfg.task.metric,
+        config=tcfg,
+        run_dir=run_dir,
+        record=record,
+        seed=cfg.seed,
+        resume=cfg.resume,
+        logger=make_logger(OmegaConf.to_container(cfg.logger, resolve=True), run_dir, config, name),
+    )
+    return trainer.fit()
+
+
+@hydra.main(version_base="1.3", config_path="../configs", config_name="config")
+def main(cfg: DictConfig) -> float | None:
+    record = train_glue(cfg)
+    return record.get("best_metric")
+
+
+if __name__ == "__main__":
+    main()

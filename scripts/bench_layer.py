@@ -1,0 +1,549 @@
+"""Wall time of one adapted linear layer: MELoRA against LoRA baselines.
+
+What is measured: a full square layer (frozen ``nn.Linear`` + adapter) applied
+to ``T`` tokens, in two modes:
+
+* ``fwd``: an inference forward under ``torch.no_grad()``;
+* ``fwdbwd``: forward + ``backward(grad_out)`` with the input requiring grad,
+  as inside a network (the frozen weight gets no gradient, the input and the
+  adapter factors do); gradients are reset to ``None`` between calls, outside
+  the timed region.
+
+Variants, all sharing one frozen base layer per ``(d, T)``:
+
+* ``base``: the frozen ``nn.Linear`` alone, the denominator of every ratio;
+* ``melora``: ``melora.MELoRALinear(base, n, r)``;
+* ``peft_lora_nr`` / ``peft_lora_r``: PEFT's ``lora.Linear`` (built with
+  ``peft.get_peft_model``) at the equivalent rank ``n·r`` / at rank ``r``
+  (the same parameter count and FLOPs as MELoRA);
+* ``mini_loop``: the official implementation's Python loop over ``n``
+  separate ``nn.Linear`` pairs on ``torch.chunk``-ed input, ``torch.cat``-ed
+  and added to the base output (what the authors' PEFT-0.5 fork does);
+* ``block_diag``: the dense ``ΔW = blockdiag(B_i A_i)`` built every forward;
+* ``melora_merged`` (``fwd`` only): ``MELoRALinear`` after ``.merge()``.
+
+How: every module of one ``(device, dtype, d, T, mode)`` group is timed
+round-robin, one call each per round, so load from other processes falls on
+all variants alike; a module's ``ms`` is the median of its samples. Each module
+first gets one warm-up call, whose time sets its repeat count (about
+``--budget`` seconds of samples, clamped to a minimum and ``--max-reps``);
+calls slower than ``HEAVY_CALL_S`` keep the warm-up as a sample, because
+first-call costs are negligible next to them and the full grid must fit in
+10-20 minutes on 2 cores. ``base``, ``peft_lora_r`` and ``melora_merged`` do
+not depend on ``n`` (PEFT not on ``r`` either, beyond its rank), so each is
+measured once per group and repeated on every row it belongs to.
+
+Outputs: ``<out>/layer.csv`` (one row per config, variant and mode) and
+``<out>/layer.md`` (hardware, allocator, tables, and PASS/FAIL per target).
+
+Run as ``make bench-layer``; ``--quick`` is a 1-2 minute check.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import datetime
+import gc
+import io
+import math
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import melora
+from melora import MELoRALinear
+
+FULL_GRID = {"d": [768, 4096], "n": [1, 2, 4, 8, 16, 32, 64], "r": [1, 8], "tokens": [512, 4096]}
+QUICK_GRID = {"d": [768], "n": [1, 4, 16, 64], "r": [1, 8], "tokens": [512]}
+SEQ_LEN = 512  # tokens are laid out as (T / SEQ_LEN, SEQ_LEN, d) batches, as in a network
+ALPHA = 16.0
+HEAVY_CALL_S = 0.25
+MIN_REPS = {"base": 5, "block_diag": 1}  # block_diag is a reference, never a target
+DEFAULT_MIN_REPS = 3
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+VARIANT_ORDER = ["base", "melora", "peft_lora_nr", "peft_lora_r", "mini_loop", "block_diag", "melora_merged"]
+CSV_FIELDS = ["device", "dtype", "d", "n", "r", "T", "variant", "mode", "ms", "ratio_to_base", "reps", "spread_pct"]
+
+
+# ----------------------------------------------------------------------------- baselines
+
+
+class MiniLoRALoop(nn.Module):
+    """The official MELoRA forward: ``n`` separate mini LoRAs run in a Python loop."""
+
+    def __init__(self, base: nn.Linear, n: int, r: int, scaling: float) -> None:
+        super().__init__()
+        self.base, self.n, self.scaling = base, n, scaling
+        d_in, d_out = base.in_features, base.out_features
+        kw = {"bias": False, "dtype": base.weight.dtype, "device": base.weight.device}
+        self.lora_A = nn.ModuleList(nn.Linear(d_in // n, r, **kw) for _ in range(n))
+        self.lora_B = nn.ModuleList(nn.Linear(r, d_out // n, **kw) for _ in range(n))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = self.base(x)
+        chunks = torch.chunk(x, self.n, dim=-1)
+        delta = torch.cat([b(a(c)) for a, b, c in zip(self.lora_A, self.lora_B, chunks)], dim=-1)
+        result += delta * self.scaling  # PEFT 0.5 adds in place
+        return result
+
+
+class BlockDiagLoRA(nn.Module):
+    """MELoRA computed through the dense ``ΔW``, rebuilt on every forward."""
+
+    def __init__(self, base: nn.Linear, n: int, r: int, scaling: float) -> None:
+        super().__init__()
+        self.base, self.scaling = base, scaling
+        d_in, d_out = base.in_features, base.out_features
+        kw = {"dtype": base.weight.dtype, "device": base.weight.device}
+        self.lora_A = nn.Parameter(torch.empty(n, r, d_in // n, **kw))
+        self.lora_B = nn.Parameter(torch.empty(n, d_out // n, r, **kw))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        delta = torch.block_diag(*torch.bmm(self.lora_B, self.lora_A)) * self.scaling
+        return self.base(x) + F.linear(x, delta)
+
+
+class _Holder(nn.Module):
+    """A one-layer model for ``peft.get_peft_model``."""
+
+    def __init__(self, lin: nn.Linear) -> None:
+        super().__init__()
+        self.lin = lin
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x)
+
+
+def peft_lora(base: nn.Linear, rank: int) -> nn.Module:
+    """PEFT's ``lora.Linear`` of rank ``rank`` wrapping ``base`` (shared, not copied)."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=rank, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=["lin"], bias="none")
+    # autocast_adapter_dtype=False keeps bf16 factors bf16, as MELoRA's are.
+    model = get_peft_model(_Holder(base), config, autocast_adapter_dtype=False)
+    return model.base_model.model.lin
+
+
+def randomise_adapter(module: nn.Module) -> None:
+    """Non-zero factors everywhere (``B = 0`` at init would be unrepresentative of training)."""
+    with torch.no_grad():
+        for p in module.parameters():
+            if p.requires_grad:
+                p.normal_(0.0, 0.02)
+
+
+# ----------------------------------------------------------------------------- timing
+
+
+@dataclass
+class Job:
+    """One module timed in one mode; ``samples`` are seconds."""
+
+    key: tuple
+    call: Callable[[], None]
+    reset: Callable[[], None]
+    min_reps: int
+    target: int = 0
+    samples: list[float] = field(default_factory=list)
+
+    @property
+    def ms(self) -> float:
+        return statistics.median(self.samples) * 1e3
+
+    @property
+    def spread_pct(self) -> float:
+        if len(self.samples) < 4:
+            return float("nan")
+        q1, _, q3 = statistics.quantiles(self.samples, n=4)
+        return 100 * (q3 - q1) / statistics.median(self.samples)
+
+
+def synchroniser(device: torch.device) -> Callable[[], None]:
+    return torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+
+def time_once(job: Job, sync: Callable[[], None]) -> float:
+    job.reset()
+    sync()
+    start = time.perf_counter()
+    job.call()
+    sync()
+    return time.perf_counter() - start
+
+
+def run_round_robin(jobs: list[Job], budget_s: float, max_reps: int, sync: Callable[[], None]) -> None:
+    """Warm each job up, then time one call per job per round until each has its target."""
+    for job in jobs:
+        warm = time_once(job, sync)
+        if warm >= HEAVY_CALL_S:
+            job.samples.append(warm)
+        job.target = max(job.min_reps, min(max_reps, math.ceil(budget_s / max(warm, 1e-6))))
+    while True:
+        pending = [job for job in jobs if len(job.samples) < job.target]
+        if not pending:
+            return
+        for job in pending:
+            job.samples.append(time_once(job, sync))
+
+
+def make_job(key: tuple, module: nn.Module, x: torch.Tensor, grad_out: torch.Tensor, mode: str) -> Job:
+    params = [p for p in module.parameters() if p.requires_grad]
+
+    def reset() -> None:
+        x.grad = None
+        for p in params:
+            p.grad = None
+
+    if mode == "fwd":
+
+        def call() -> None:
+            with torch.no_grad():
+                module(x)
+
+    else:
+
+        def call() -> None:
+            module(x).backward(grad_out)
+
+    return Job(key=key, call=call, reset=reset, min_reps=MIN_REPS.get(key[0], DEFAULT_MIN_REPS))
+
+
+# ----------------------------------------------------------------------------- one group
+
+
+def build_modules(base: nn.Linear, ns: list[int], rs: list[int], mode: str) -> dict[tuple, nn.Module]:
+    """Every distinct module of a ``(d, T)`` group, keyed by job key."""
+    modules: dict[tuple, nn.Module] = {("base",): base}
+    for rank in sorted({r for r in rs} | {n * r for n in ns for r in rs}):
+        modules[("peft", rank)] = peft_lora(base, rank)
+    for n in ns:
+        for r in rs:
+            scaling = ALPHA / r
+            modules[("melora", n, r)] = MELoRALinear(base, n=n, r=r, alpha=ALPHA)
+            modules[("mini_loop", n, r)] = MiniLoRALoop(base, n, r, scaling)
+            modules[("block_diag", n, r)] = BlockDiagLoRA(base, n, r, scaling)
+    for key, module in modules.items():
+        if key != ("base",):
+            randomise_adapter(module)
+    if mode == "fwd":
+        merged = MELoRALinear(copy.deepcopy(base), n=max(ns), r=max(rs), alpha=ALPHA)
+        randomise_adapter(merged)
+        merged.merge()
+        modules[("merged",)] = merged
+    return modules
+
+
+def measure_group(device: torch.device, dtype: torch.dtype, d: int, T: int, mode: str, args) -> dict[tuple, Job]:
+    torch.manual_seed(0)
+    base = nn.Linear(d, d, device=device, dtype=dtype).requires_grad_(False)
+    shape = (T // SEQ_LEN, SEQ_LEN, d) if T % SEQ_LEN == 0 else (1, T, d)
+    x = torch.randn(shape, device=device, dtype=dtype, requires_grad=(mode == "fwdbwd"))
+    grad_out = torch.randn(shape, device=device, dtype=dtype)
+    modules = build_modules(base, args.n, args.r, mode)
+    jobs = {key: make_job(key, module, x, grad_out, mode) for key, module in modules.items()}
+    run_round_robin(list(jobs.values()), args.budget, args.max_reps, synchroniser(device))
+    del modules, x, grad_out, base
+    gc.collect()
+    return jobs
+
+
+def variant_jobs(n: int, r: int, mode: str) -> dict[str, tuple]:
+    """Which measured job answers each variant of config ``(n, r)``."""
+    keys = {
+        "base": ("base",),
+        "melora": ("melora", n, r),
+        "peft_lora_nr": ("peft", n * r),
+        "peft_lora_r": ("peft", r),
+        "mini_loop": ("mini_loop", n, r),
+        "block_diag": ("block_diag", n, r),
+    }
+    if mode == "fwd":
+        keys["melora_merged"] = ("merged",)
+    return keys
+
+
+def group_rows(device: str, dtype: str, d: int, T: int, mode: str, jobs: dict[tuple, Job], args) -> list[dict]:
+    base_ms = jobs[("base",)].ms
+    rows = []
+    for n in args.n:
+        for r in args.r:
+            for variant, key in variant_jobs(n, r, mode).items():
+                job = jobs[key]
+                rows.append({
+                    "device": device, "dtype": dtype, "d": d, "n": n, "r": r, "T": T,
+                    "variant": variant, "mode": mode, "ms": round(job.ms, 4),
+                    "ratio_to_base": round(job.ms / base_ms, 4), "reps": len(job.samples),
+                    "spread_pct": round(job.spread_pct, 1),
+                })  # fmt: skip
+    return rows
+
+
+# ----------------------------------------------------------------------------- targets
+
+
+class Table:
+    """Rows indexed by ``(device, dtype, d, n, r, T, variant, mode)``."""
+
+    def __init__(self, rows: list[dict]) -> None:
+        self.ms = {self.key(row): row["ms"] for row in rows}
+        self.configs = sorted({(row["device"], row["dtype"], row["d"], row["n"], row["r"], row["T"]) for row in rows})
+
+    @staticmethod
+    def key(row: dict) -> tuple:
+        return (row["device"], row["dtype"], row["d"], row["n"], row["r"], row["T"], row["variant"], row["mode"])
+
+    def get(self, config: tuple, variant: str, mode: str = "fwdbwd") -> float:
+        return self.ms[(*config, variant, mode)]
+
+
+def cfg_label(config: tuple) -> str:
+    device, dtype, d, n, r, T = config
+    return f"{device}/{dtype} d={d} n={n} r={r} T={T}"
+
+
+def check(name: str, worst: tuple[float, tuple] | None, limit: float, detail: str, higher_is_better=False) -> dict:
+    """A target's verdict from its worst-case value over the configs it covers."""
+    if worst is None:
+        return {"name": name, "status": "n/a", "text": "not measured with these filters"}
+    value, config = worst
+    ok = value >= limit if higher_is_better else value <= limit
+    bound = "≥" if higher_is_better else "≤"
+    return {
+        "name": name,
+        "status": "PASS" if ok else "FAIL",
+        "text": f"worst {value:.3f} (need {bound} {limit:g}) at {cfg_label(config)}; {detail}",
+    }
+
+
+def worst_of(values: list[tuple[float, tuple]], higher_is_better=False):
+    if not values:
+        return None
+    return min(values) if higher_is_better else max(values)
+
+
+def evaluate_targets(rows: list[dict], noise_tol: float) -> list[dict]:
+    table = Table(rows)
+    t1, t2, t3, t5 = [], [], [], []
+    t4: dict[tuple, tuple[float, tuple]] = {}
+    for config in table.configs:
+        _, _, d, n, r, T = config
+        melora_ms = table.get(config, "melora")
+        base_ms = table.get(config, "base")
+        if n >= 2:
+            t1.append((melora_ms / table.get(config, "peft_lora_nr"), config))
+        if d == 4096:
+            t2.append((melora_ms / table.get(config, "peft_lora_r"), config))
+        if d == 4096 and T == 4096:
+            t3.append((melora_ms / base_ms, config))
+        # merged is measured once per (d, T): one value per group.
+        t4[config[:3] + config[5:]] = (table.get(config, "melora_merged", "fwd") / table.get(config, "base", "fwd"), config)
+        if d == 768 and n == 64:
+            loop_extra = table.get(config, "mini_loop") - base_ms
+            # Floor the denominator at 0.5 % of base: below that MELoRA's adapter cost is noise.
+            melora_extra = max(melora_ms - base_ms, 0.005 * base_ms)
+            t5.append((loop_extra / melora_extra, config))
+    slower = sum(v > 1.0 for v, _ in t1)
+    return [
+        check("1. MELoRA(n,r) ≤ PEFT LoRA rank n·r, n ≥ 2, fwd+bwd", worst_of(t1), 1.0 + noise_tol,
+              f"ratio MELoRA/PEFT; {slower}/{len(t1)} configs above 1.0, limit includes {noise_tol:.0%} timing noise"),
+        check("2. MELoRA(n,r) ≤ 1.1 × PEFT LoRA rank r at d=4096, fwd+bwd", worst_of(t2), 1.1,
+              f"ratio MELoRA/PEFT over {len(t2)} configs"),
+        check("3. MELoRA ≤ 1.15 × frozen base at d=4096, T=4096, fwd+bwd", worst_of(t3), 1.15,
+              f"ratio MELoRA/base over {len(t3)} configs"),
+        check("4. merged MELoRA inference ≤ 1.05 × base, fwd", worst_of(list(t4.values())), 1.05,
+              f"ratio merged/base over {len(t4)} (d, T) groups"),
+        check("5. adapter path ≥ 4× faster than per-mini loop at d=768, n=64, fwd+bwd",
+              worst_of(t5, higher_is_better=True), 4.0,
+              f"(loop − base)/(MELoRA − base) over {len(t5)} configs", higher_is_better=True),
+    ]  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def physical_cores() -> int:
+    """Physical cores available to this process (SMT siblings counted once)."""
+    available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    try:
+        cores, block = set(), {}
+        for line in Path("/proc/cpuinfo").read_text().splitlines() + [""]:
+            if ":" in line:
+                k, v = (s.strip() for s in line.split(":", 1))
+                block[k] = v
+            elif block:
+                cores.add((block.get("physical id"), block.get("core id")))
+                block = {}
+        if cores and None not in {c[1] for c in cores}:
+            return max(1, min(available, len(cores)))
+    except OSError:
+        pass
+    return available
+
+
+def allocator_setting() -> str:
+    preload = os.environ.get("LD_PRELOAD", "")
+    for name in ("jemalloc", "tcmalloc", "mimalloc"):
+        if name in preload:
+            return f"{name} (LD_PRELOAD={preload})"
+    knobs = {k: os.environ[k] for k in ("MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_") if k in os.environ}
+    if knobs:
+        return "glibc malloc with " + " ".join(f"{k}={v}" for k, v in knobs.items())
+    return "glibc malloc, default settings (large-tensor CPU timings may be bimodal; use `make bench-layer`)"
+
+
+def fmt_cell(ms: float, base_ms: float) -> str:
+    return f"{ms:.2f} ({ms / base_ms:.2f}×)"
+
+
+def group_table(rows: list[dict], mode: str) -> str:
+    variants = [v for v in VARIANT_ORDER[1:] if any(row["variant"] == v for row in rows)]
+    out = io.StringIO()
+    out.write("| n | r | " + " | ".join(variants) + " |\n")
+    out.write("|---:|---:|" + "---:|" * len(variants) + "\n")
+    by_config: dict[tuple, dict[str, float]] = {}
+    for row in rows:
+        by_config.setdefault((row["n"], row["r"]), {})[row["variant"]] = row["ms"]
+    for (n, r), cells in sorted(by_config.items()):
+        out.write(f"| {n} | {r} | " + " | ".join(fmt_cell(cells[v], cells["base"]) for v in variants) + " |\n")
+    return out.getvalue()
+
+
+def render_markdown(rows: list[dict], targets: list[dict], args, wall_s: float) -> str:
+    out = io.StringIO()
+    out.write("# MELoRA layer benchmark\n\n")
+    out.write(f"- Date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}\n")
+    out.write(f"- CPU: {cpu_model()}; torch threads: {torch.get_num_threads()} (physical cores: {physical_cores()})\n")
+    if any(row["device"] == "cuda" for row in rows):
+        out.write(f"- GPU: {torch.cuda.get_device_name(0)}\n")
+    import peft
+
+    out.write(f"- torch {torch.__version__}, peft {peft.__version__}, melora {melora.__version__}, Python {platform.python_version()}\n")
+    out.write(f"- Allocator: {allocator_setting()}\n")
+    out.write(f"- Command: `{' '.join(sys.argv)}`; wall time {wall_s / 60:.1f} min\n")
+    out.write(
+        f"- Method: median of round-robin samples, about {args.budget:g} s of samples per module "
+        f"(≥ {DEFAULT_MIN_REPS}, base ≥ {MIN_REPS['base']}, block_diag ≥ {MIN_REPS['block_diag']}, ≤ {args.max_reps}); "
+        f"input {SEQ_LEN}-token sequences; `fwd` = inference under no_grad, `fwdbwd` = forward + backward "
+        f"with the input requiring grad; α = {ALPHA:g}, s = α/r, dropout 0. `peft_lora_r` and `melora_merged` "
+        "(merged at the largest n, r) are measured once per (d, T) and repeated on each row.\n\n"
+    )
+    out.write("## Targets (full layer)\n\n")
+    for t in targets:
+        out.write(f"- **{t['status']}** {t['name']}: {t['text']}\n")
+    out.write("\n## Timings\n\nCells: ms (ratio to the frozen base layer in the same run).\n")
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["device"], row["dtype"], row["d"], row["T"], row["mode"]), []).append(row)
+    for (device, dtype, d, T, mode), group in groups.items():
+        base_ms = next(row["ms"] for row in group if row["variant"] == "base")
+        title = "forward + backward" if mode == "fwdbwd" else "forward (inference, no_grad)"
+        out.write(f"\n### {device} {dtype}, d = {d}, T = {T}: {title}; base {base_ms:.2f} ms\n\n")
+        out.write(group_table(group, mode))
+    return out.getvalue()
+
+
+def write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w", newline="") as fh:
+        fh.write(text)
+    os.replace(tmp, path)
+
+
+def csv_text(rows: list[dict]) -> str:
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=CSV_FIELDS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return out.getvalue()
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def int_list(text: str) -> list[int]:
+    return [int(v) for v in text.split(",") if v]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, default=Path("results/bench"), help="folder for layer.csv and layer.md")
+    p.add_argument("--quick", action="store_true", help="d=768, n in {1,4,16,64}, T=512: a 1-2 minute check")
+    p.add_argument("--d", type=int_list, help="comma-separated layer widths (default 768,4096)")
+    p.add_argument("--n", type=int_list, help="comma-separated numbers of mini LoRAs (default 1..64, powers of 2)")
+    p.add_argument("--r", type=int_list, help="comma-separated mini ranks (default 1,8)")
+    p.add_argument("--tokens", type=int_list, help="comma-separated token counts T (default 512,4096)")
+    p.add_argument("--device", default="auto", help="'auto' (cpu, plus cuda if available), 'cpu', 'cuda' or 'cpu,cuda'")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="bf16 is meant for GPUs")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (default: physical cores)")
+    p.add_argument("--budget", type=float, default=1.0, help="seconds of samples per module (default 1.0)")
+    p.add_argument("--max-reps", type=int, default=25)
+    p.add_argument("--noise-tol", type=float, default=0.03, help="timing-noise allowance of target 1 (default 0.03)")
+    args = p.parse_args(argv)
+    grid = QUICK_GRID if args.quick else FULL_GRID
+    for name in ("d", "n", "r", "tokens"):
+        if getattr(args, name) is None:
+            setattr(args, name, list(grid[name]))
+    if args.quick:
+        args.budget = min(args.budget, 0.3)
+    return args
+
+
+def devices(spec: str) -> list[torch.device]:
+    if spec == "auto":
+        return [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+    return [torch.device(name) for name in spec.split(",")]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    for d in args.d:
+        bad = [n for n in args.n if d % n]
+        if bad:
+            raise SystemExit(f"n={bad} do not divide d={d}")
+    torch.set_num_threads(args.threads or physical_cores())
+    started = time.perf_counter()
+    rows: list[dict] = []
+    for device in devices(args.device):
+        for d in args.d:
+            for T in args.tokens:
+                for mode in ("fwd", "fwdbwd"):
+                    t0 = time.perf_counter()
+                    jobs = measure_group(device, DTYPES[args.dtype], d, T, mode, args)
+                    rows += group_rows(device.type, args.dtype, d, T, mode, jobs, args)
+                    print(f"{device.type} d={d} T={T} {mode}: base {jobs[('base',)].ms:.2f} ms, "
+                          f"{len(jobs)} modules in {time.perf_counter() - t0:.0f} s", flush=True)  # fmt: skip
+    wall_s = time.perf_counter() - started
+    targets = evaluate_targets(rows, args.noise_tol)
+    write_atomic(args.out / "layer.csv", csv_text(rows))
+    write_atomic(args.out / "layer.md", render_markdown(rows, targets, args, wall_s))
+    for t in targets:
+        print(f"{t['status']}: {t['name']}: {t['text']}")
+    print(f"wrote {args.out / 'layer.csv'} and {args.out / 'layer.md'} in {wall_s / 60:.1f} min")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
