@@ -74,7 +74,7 @@ MIN_REPS = {"base": 5, "block_diag": 1}  # block_diag is a reference, never a ta
 DEFAULT_MIN_REPS = 3
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 VARIANT_ORDER = ["base", "melora", "peft_lora_nr", "peft_lora_r", "mini_loop", "block_diag", "melora_merged"]
-CSV_FIELDS = ["device", "dtype", "d", "n", "r", "T", "variant", "mode", "ms", "ratio_to_base", "reps", "spread_pct"]
+CSV_FIELDS = ["device", "dtype", "d", "n", "r", "T", "variant", "mode", "ms", "ratio_to_base", "min_ms", "reps", "spread_pct"]
 
 
 # ----------------------------------------------------------------------------- baselines
@@ -284,7 +284,8 @@ def group_rows(device: str, dtype: str, d: int, T: int, mode: str, jobs: dict[tu
                 rows.append({
                     "device": device, "dtype": dtype, "d": d, "n": n, "r": r, "T": T,
                     "variant": variant, "mode": mode, "ms": round(job.ms, 4),
-                    "ratio_to_base": round(job.ms / base_ms, 4), "reps": len(job.samples),
+                    "ratio_to_base": round(job.ms / base_ms, 4), "min_ms": round(min(job.samples) * 1e3, 4),
+                    "reps": len(job.samples),
                     "spread_pct": round(job.spread_pct, 1),
                 })  # fmt: skip
     return rows

@@ -64,13 +64,16 @@ def smollm_tokenizer(request):
     from transformers import AutoTokenizer
 
     gguf = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    # Parsing the GGUF file takes seconds; keep the converted tokenizer in pytest's cache.
+    # Parsing the GGUF file takes seconds; keep the converted tokenizer in
+    # pytest's cache (absent under -p no:cacheprovider).
+    cache = getattr(request.config, "cache", None)
     stat = gguf.stat()
-    saved = request.config.cache.mkdir(f"smollm2-tokenizer-{stat.st_size}-{int(stat.st_mtime)}")
-    if (saved / "tokenizer.json").is_file():
+    saved = cache.mkdir(f"smollm2-tokenizer-{stat.st_size}-{int(stat.st_mtime)}") if cache else None
+    if saved is not None and (saved / "tokenizer.json").is_file():
         return AutoTokenizer.from_pretrained(str(saved))
     tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    tok.save_pretrained(str(saved))
+    if saved is not None:
+        tok.save_pretrained(str(saved))
     return tok
 
 
@@ -129,7 +132,8 @@ def test_default_file_from_env(data_dir, monkeypatch):
 
 
 def test_missing_input_field_reads_as_empty(tmp_path):
-    path = write_json(tmp_path / "a.json", [{"instruction": "Say hi.", "output": "Hi."}, {"instruction": "x", "input": None, "output": "y"}])
+    records = [{"instruction": "Say hi.", "output": "Hi."}, {"instruction": "x", "input": None, "output": "y"}]
+    path = write_json(tmp_path / "a.json", records)
     assert load_alpaca(path)["input"] == ["", ""]
 
 
@@ -195,6 +199,27 @@ def test_hub_default_is_alpaca_cleaned(no_env, fake_hub):
 def test_hub_by_name_even_with_data_dir(tmp_path, fake_hub):
     load_alpaca("tatsu-lab/alpaca", data_dir=tmp_path)
     assert fake_hub[-1][0] == "tatsu-lab/alpaca"
+
+
+@pytest.mark.parametrize(
+    "rows",
+    [
+        {"output": ["a", "b"], "input": [None, "x"], "instruction": ["c", "d"]},  # null input
+        {"output": ["a", "b"], "instruction": ["c", "d"]},  # no input column
+    ],
+)
+def test_hub_input_is_optional(monkeypatch, rows):
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: Dataset.from_dict(rows))
+    ds = load_alpaca("someone/other")
+    assert ds.column_names == ["instruction", "input", "output"]
+    assert ds["input"] == ["", rows.get("input", [None, ""])[1]]
+
+
+def test_hub_null_output(monkeypatch):
+    rows = {"instruction": ["a", "b"], "input": ["", ""], "output": ["x", None]}
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: Dataset.from_dict(rows))
+    with pytest.raises(DataFormatError, match=r"1 record\(s\) have no 'output'"):
+        load_alpaca("someone/other")
 
 
 def test_hub_missing_column(monkeypatch):
@@ -302,6 +327,25 @@ def test_eos_required(bert_tokenizer):
     with pytest.raises(ValueError, match="no eos_token"):
         tokenize_alpaca(ds, plain)
     assert len(tokenize_alpaca(ds, plain, add_eos=False)) == 1
+
+
+def test_tokenize_alpaca_cache(data_dir, alpaca200, bert_tokenizer, tmp_path, monkeypatch):
+    from melora.data import alpaca as alpaca_mod
+
+    subset = alpaca200.select(range(6))
+    first = tokenize_alpaca(subset, bert_tokenizer, cutoff_len=128, cache_dir=tmp_path)
+    assert len(list(tmp_path.glob("alpaca-*.arrow"))) == 1
+
+    def fail(*args, **kwargs):
+        raise AssertionError("tokeniser called although the cache should be used")
+
+    monkeypatch.setattr(alpaca_mod, "_tokenize_batch", fail)
+    # A fresh load gives the same fingerprint, hence the same cache key.
+    again = load_alpaca("alpaca_200_first.json", data_dir=data_dir).select(range(6))
+    second = tokenize_alpaca(again, bert_tokenizer, cutoff_len=128, cache_dir=tmp_path)
+    assert second["labels"] == first["labels"]
+    with pytest.raises(AssertionError, match="tokeniser called"):
+        tokenize_alpaca(subset, bert_tokenizer, cutoff_len=64, cache_dir=tmp_path)
 
 
 # ------------------------------------------------------------------- batching

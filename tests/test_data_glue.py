@@ -146,14 +146,16 @@ def test_local_first_rows(data_dir):
         "idx": 0,
     }
     # SST-2 keeps the trailing space, like the hub.
-    assert load_glue("sst2", data_dir=data_dir)["train"][0]["sentence"] == "hide new secretions from the parental units "
+    sst2 = load_glue("sst2", data_dir=data_dir)["train"][0]
+    assert sst2["sentence"] == "hide new secretions from the parental units "
     # MRPC: BOM before the header, quality label first, stray quotes kept verbatim.
     mrpc = load_glue("mrpc", data_dir=data_dir)["train"][0]
     assert mrpc["label"] == 1
     assert mrpc["sentence1"].startswith('Amrozi accused his brother , whom he called " the witness "')
     assert mrpc["sentence2"].startswith('Referring to him as only " the witness "')
     stsb = load_glue("stsb", data_dir=data_dir)["train"][0]
-    assert (stsb["sentence1"], stsb["sentence2"], stsb["label"]) == ("A plane is taking off.", "An air plane is taking off.", 5.0)
+    assert stsb["sentence1"] == "A plane is taking off." and stsb["sentence2"] == "An air plane is taking off."
+    assert stsb["label"] == 5.0
     rte = load_glue("rte", data_dir=data_dir)["validation"][0]
     assert rte["sentence2"] == "Christopher Reeve had an accident."
     assert rte["label"] == 1  # not_entailment
@@ -374,7 +376,9 @@ def test_subsample_bounds():
 
 def _small_rte(data_dir: Path) -> DatasetDict:
     dd = load_glue("rte", data_dir=data_dir)
-    return DatasetDict({"train": subsample(dd["train"], 64, seed=0), "validation": subsample(dd["validation"], 16, seed=0)})
+    return DatasetDict(
+        {"train": subsample(dd["train"], 64, seed=0), "validation": subsample(dd["validation"], 16, seed=0)}
+    )
 
 
 def test_tokenize_glue_output(data_dir, tokenizer, tmp_path):

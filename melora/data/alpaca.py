@@ -29,8 +29,9 @@ from typing import Any, Mapping, Sequence
 
 import datasets
 import torch
-from datasets import Dataset, DatasetDict
+from datasets import Dataset, DatasetDict, Features, Value
 
+from melora.data.cache import stable_hash, tokenizer_fingerprint
 from melora.data.errors import DataFormatError
 from melora.data.paths import DATA_DIR_ENV, resolve_data_dir
 
@@ -59,6 +60,8 @@ HUB_DATASET_ORIGINAL = "tatsu-lab/alpaca"
 DEFAULT_LOCAL_FILE = "alpaca_small_2000.json"
 FIELDS = ("instruction", "input", "output")
 IGNORE_INDEX = -100
+# Part of the tokenisation cache key: bump when the output format changes.
+_TOKENIZE_VERSION = 1
 
 PROMPT_WITH_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides further context. "
@@ -147,14 +150,33 @@ def _load_json(path: Path) -> Dataset:
 
 
 def _load_hub(name: str) -> Dataset:
-    """Load a hub Alpaca dataset's train split and validate it."""
+    """Load a hub Alpaca dataset's train split and validate it.
+
+    The result stays backed by the hub's cached Arrow files, so its
+    fingerprint (and so the tokenisation cache) is stable across runs.
+    """
     # Called through the module attribute so tests can monkeypatch it.
     ds = datasets.load_dataset(name, split="train")
+    where = f"hub dataset {name}"
     missing = [f for f in ("instruction", "output") if f not in ds.column_names]
     if missing:
-        raise DataFormatError(f"hub dataset {name}: missing column(s) {missing}; found {ds.column_names}.")
-    rows = ds.select_columns([f for f in FIELDS if f in ds.column_names]).to_list()
-    return Dataset.from_dict(_validated_columns(rows, f"hub dataset {name}"))
+        raise DataFormatError(f"{where}: missing column(s) {missing}; found {ds.column_names}.")
+    for field in ("instruction", "output"):
+        if ds.features[field] != Value("string"):
+            raise DataFormatError(f"{where}: column {field!r} is {ds.features[field]}, expected strings.")
+        nulls = ds.data.column(field).null_count
+        if nulls:
+            raise DataFormatError(f"{where}: {nulls} record(s) have no {field!r}.")
+    if "input" not in ds.column_names:
+        ds = ds.add_column("input", [""] * len(ds))
+    elif ds.features["input"] != Value("string") or ds.data.column("input").null_count:
+        ds = ds.map(_fill_input, batched=True, features=Features({**ds.features, "input": Value("string")}))
+    return ds.select_columns(list(FIELDS))
+
+
+def _fill_input(batch: dict[str, list[Any]]) -> dict[str, list[str]]:
+    """Read a missing (null) ``input`` as the empty string."""
+    return {"input": ["" if x is None else x for x in batch["input"]]}
 
 
 def _validated_columns(records: Sequence[Any], where: str) -> dict[str, list[str]]:
@@ -261,6 +283,7 @@ def tokenize_alpaca(
     train_on_inputs: bool = False,
     add_eos: bool = True,
     drop_unsupervised: bool = True,
+    cache_dir: str | os.PathLike[str] | None = None,
 ) -> Dataset:
     """Tokenise prompt + response with loss on the response only.
 
@@ -282,6 +305,12 @@ def tokenize_alpaca(
             ``cutoff_len`` (no label left: they would add nothing and an
             all-``-100`` batch gives a NaN loss). Only applies when
             ``train_on_inputs`` is False; the count is logged.
+        cache_dir (str | os.PathLike | None): If given, the result is cached
+            there as ``alpaca-<key>.arrow``, ``key`` hashing the tokenizer
+            (class, ``name_or_path``, size, vocabulary), the options above and
+            the dataset fingerprint; a second call loads the file. Without it,
+            in-memory data (local JSON) is not cached and hub data uses
+            ``datasets``' own cache next to the hub files.
 
     Returns:
         datasets.Dataset: Columns ``input_ids``, ``attention_mask``,
@@ -296,24 +325,46 @@ def tokenize_alpaca(
     eos_id = tokenizer.eos_token_id
     if add_eos and eos_id is None:
         raise ValueError("The tokenizer has no eos_token; set tokenizer.eos_token or pass add_eos=False.")
+    # An explicit fingerprint spares datasets from hashing the tokenizer and
+    # is the same in every process.
+    prefix = _leading_special_ids(tokenizer)
+    eos = eos_id if add_eos else None
+    key = stable_hash(
+        "alpaca-tok",
+        _TOKENIZE_VERSION,
+        tokenizer_fingerprint(tokenizer),
+        prefix,
+        eos,
+        cutoff_len,
+        train_on_inputs,
+        ds._fingerprint,
+    )
+    cache_kwargs: dict[str, Any] = {}
+    if cache_dir is not None:
+        Path(cache_dir).mkdir(parents=True, exist_ok=True)
+        cache_kwargs = {"cache_file_name": str(Path(cache_dir) / f"alpaca-{key}.arrow"), "load_from_cache_file": True}
     out = ds.map(
         _tokenize_batch,
         batched=True,
         fn_kwargs={
             "tokenizer": tokenizer,
-            "prefix": _leading_special_ids(tokenizer),
-            "eos_id": eos_id if add_eos else None,
+            "prefix": prefix,
+            "eos_id": eos,
             "cutoff_len": cutoff_len,
             "train_on_inputs": train_on_inputs,
         },
         remove_columns=ds.column_names,
+        new_fingerprint=key,
         desc="Tokenising Alpaca",
+        **cache_kwargs,
     )
     if train_on_inputs or not drop_unsupervised:
         return out
     keep = [i for i, labels in enumerate(out["labels"]) if any(t != IGNORE_INDEX for t in labels)]
     if len(keep) < len(out):
-        logger.warning("Dropped %d of %d examples whose prompt fills cutoff_len=%d.", len(out) - len(keep), len(out), cutoff_len)
+        logger.warning(
+            "Dropped %d of %d examples whose prompt fills cutoff_len=%d.", len(out) - len(keep), len(out), cutoff_len
+        )
         out = out.select(keep)
     return out
 

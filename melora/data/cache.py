@@ -46,12 +46,17 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
     return digest.hexdigest()
 
 
-def tokenizer_fingerprint(tokenizer: Any) -> str:
-    """Identify a tokenizer by class, ``name_or_path``, size and vocabulary.
+_PROBE = ("Hello World, naïve ÜBER-test 123!", "Second  segment.")
 
-    The vocabulary is hashed too because two different tokenizers can share a
-    ``name_or_path`` (e.g. several GGUF files in one folder). The runtime
-    truncation/padding state is deliberately not part of the key.
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """Identify a tokenizer by class, ``name_or_path``, size, vocabulary and behaviour.
+
+    The vocabulary is hashed because two different tokenizers can share a
+    ``name_or_path`` (e.g. several GGUF files in one folder), and the encoding
+    of a probe sentence pair catches differences in normalisation (casing,
+    accents) and special-token templates. The runtime truncation/padding state
+    is deliberately not part of the key.
 
     Args:
         tokenizer (Any): A ``transformers`` tokenizer.
@@ -60,11 +65,16 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
         str: A 16-hex-character fingerprint.
     """
     vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
+    try:
+        probe = tokenizer(*_PROBE)["input_ids"]
+    except Exception:  # noqa: BLE001 - some tokenizers cannot encode pairs
+        probe = tokenizer(_PROBE[0])["input_ids"]
     return stable_hash(
         type(tokenizer).__name__,
         str(getattr(tokenizer, "name_or_path", "")),
         len(tokenizer),
         hashlib.sha256(json.dumps(vocab, ensure_ascii=True).encode("utf-8")).hexdigest(),
+        list(probe),
     )
 
 

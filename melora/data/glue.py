@@ -184,9 +184,8 @@ def _parse_tsv(spec: GlueTask, path: Path) -> dict[str, list[Any]]:
             if not row:
                 continue
             if len(row) != layout.n_fields:
-                raise DataFormatError(
-                    _row_error(path, reader.line_num, f"expected {layout.n_fields} tab-separated fields, found {len(row)}")
-                )
+                problem = f"expected {layout.n_fields} tab-separated fields, found {len(row)}"
+                raise DataFormatError(_row_error(path, reader.line_num, problem))
             for name, i in layout.text:
                 columns[name].append(row[i])
             labels.append(_parse_label(spec, row[layout.label], path, reader.line_num))
@@ -219,7 +218,8 @@ def _parse_label(spec: GlueTask, raw: str, path: Path, line: int) -> int | float
         except ValueError:
             score = math.nan
         if not math.isfinite(score):
-            raise DataFormatError(_row_error(path, line, f"label {raw!r} in column {spec.label_column!r} is not a number"))
+            problem = f"label {raw!r} in column {spec.label_column!r} is not a number"
+            raise DataFormatError(_row_error(path, line, problem))
         return score
     if value not in spec.raw_labels:
         raise DataFormatError(

@@ -113,7 +113,8 @@ class _StopOnStrings(StoppingCriteria):
         self.stop = [s for s in stop if s]
 
     def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
-        texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_len :], skip_special_tokens=True)
+        new_tokens = input_ids[:, self.prompt_len :]
+        texts = self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
         done = [any(s in t for s in self.stop) for t in texts]
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
@@ -151,7 +152,8 @@ def generate_batch(
     if not prompts:
         return []
     pad_id = ensure_pad_token(tokenizer)
-    eos = model.generation_config.eos_token_id if getattr(model, "generation_config", None) else None
+    model_config = getattr(model, "generation_config", None)
+    eos = model_config.eos_token_id if model_config is not None else None
     if eos is None:
         eos = tokenizer.eos_token_id
     config = GenerationConfig(
@@ -171,9 +173,9 @@ def generate_batch(
             idx = order[start : start + batch_size]
             ids, mask = left_pad([encoded[i] for i in idx], pad_id)
             ids, mask = ids.to(device), mask.to(device)
-            criteria = (
-                StoppingCriteriaList([_StopOnStrings(tokenizer, ids.shape[1], stop)]) if stop else None
-            )
+            criteria = None
+            if stop:
+                criteria = StoppingCriteriaList([_StopOnStrings(tokenizer, ids.shape[1], stop)])
             out = model.generate(
                 input_ids=ids,
                 attention_mask=mask,
@@ -186,13 +188,22 @@ def generate_batch(
     return outputs
 
 
-def _forward_logits(model, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def _forward_logits(model, ids: torch.Tensor, mask: torch.Tensor, keep_last: int) -> torch.Tensor:
+    """Float logits of the last ``keep_last`` positions, ``[batch, keep_last, vocab]``."""
+    params = inspect.signature(model.forward).parameters
+    takes_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
     kwargs = {"input_ids": ids, "attention_mask": mask, "use_cache": False}
     # Left padding shifts every real token; positions must follow the mask so that a
-    # padded row scores exactly like the same prompt alone.
-    if "position_ids" in inspect.signature(model.forward).parameters:
+    # padded row scores exactly like the same prompt alone. Wrappers such as PEFT
+    # models pass **kwargs through to the base model.
+    if "position_ids" in params or takes_kwargs:
         kwargs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
-    return model(**kwargs).logits.float()
+    # Full-vocabulary logits for every position would be [batch, seq, vocab]; only the
+    # last few are needed.
+    if "logits_to_keep" in params:
+        kwargs["logits_to_keep"] = keep_last
+    logits = model(**kwargs).logits
+    return logits[:, -keep_last:, :].float()
 
 
 def continuation_ids(tokenizer, context: str, continuation: str) -> list[int]:
@@ -234,7 +245,7 @@ def next_token_logprobs(
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
             ids, mask = left_pad([encoded[i] for i in idx], pad_id)
-            logits = _forward_logits(model, ids.to(device), mask.to(device))[:, -1, :]
+            logits = _forward_logits(model, ids.to(device), mask.to(device), 1)[:, -1, :]
             out[idx] = torch.log_softmax(logits, dim=-1)[:, cols.to(logits.device)].cpu()
     return out
 
@@ -263,7 +274,10 @@ def continuation_logprobs(
     for ctx, cont in zip(contexts, continuations, strict=True):
         cont_ids = continuation_ids(tokenizer, ctx, cont)
         budget = None if max_input_tokens is None else max(1, max_input_tokens - len(cont_ids))
-        pairs.append((encode(tokenizer, ctx, budget), cont_ids))
+        ctx_ids = encode(tokenizer, ctx, budget)
+        if not ctx_ids:
+            raise ValueError("continuation_logprobs needs a non-empty context (or a BOS token)")
+        pairs.append((ctx_ids, cont_ids))
     seqs = [c + k for c, k in pairs]
     order = _length_order(seqs)
     out = [0.0] * len(seqs)
@@ -272,12 +286,16 @@ def continuation_logprobs(
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
             ids, mask = left_pad([seqs[i] for i in idx], pad_id)
-            logprobs = torch.log_softmax(_forward_logits(model, ids.to(device), mask.to(device)), -1)
-            width = ids.shape[1]
+            # The last len(cont) tokens are predicted by the len(cont) positions before
+            # them, so the last 1 + max len(cont) positions suffice.
+            keep = 1 + max(len(pairs[i][1]) for i in idx)
+            logits = _forward_logits(model, ids.to(device), mask.to(device), keep)
+            logprobs = torch.log_softmax(logits, -1)
             for row, i in enumerate(idx):
                 cont = pairs[i][1]
-                # Token at position p is predicted by the logits at p - 1.
-                pos = torch.arange(width - len(cont), width, device=logprobs.device)
+                # Kept position j is sequence position width - keep + j; the token at
+                # sequence position p is predicted at p - 1.
+                pos = torch.arange(keep - 1 - len(cont), keep - 1, device=logprobs.device)
                 tgt = torch.tensor(cont, dtype=torch.long, device=logprobs.device)
-                out[i] = float(logprobs[row, pos - 1, tgt].sum())
+                out[i] = float(logprobs[row, pos, tgt].sum())
     return out

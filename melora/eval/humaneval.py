@@ -175,10 +175,7 @@ def evaluate_humaneval(
         data_source=source,
         time_s=time.perf_counter() - start,
         predictions=[
-            {
-                "task_id": p["task_id"], "generation": r, "completion": c,
-                "passed": per_task[p["task_id"]]["passed"], "result": per_task[p["task_id"]]["result"],
-            }
+            {"task_id": p["task_id"], "generation": r, "completion": c, **per_task[p["task_id"]]}
             for p, r, c in zip(problems, raw, completions)
         ]
         if return_predictions

@@ -68,7 +68,9 @@ def format_mmlu_example(example: dict[str, Any], include_answer: bool = True) ->
     return text
 
 
-def build_mmlu_prompt(subject: str, shots: Sequence[dict[str, Any]], example: dict[str, Any]) -> str:
+def build_mmlu_prompt(
+    subject: str, shots: Sequence[dict[str, Any]], example: dict[str, Any]
+) -> str:
     """Header, the given shots with answers, then the question ending in ``"Answer:"``."""
     prompt = HEADER.format(subject=format_subject(subject))
     prompt += "".join(format_mmlu_example(s) for s in shots)
@@ -99,7 +101,12 @@ def score_mmlu(generations: Sequence[str], answers: Sequence[int | str]) -> list
 
 
 def predict_mmlu_loglik(
-    model, tokenizer, prompts: Sequence[str], batch_size: int = 8, *, max_input_tokens: int | None = None
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    batch_size: int = 8,
+    *,
+    max_input_tokens: int | None = None,
 ) -> list[str]:
     """Letter whose continuation (" A".." D") is most likely after each prompt.
 
@@ -196,7 +203,9 @@ def evaluate_mmlu(
         )
         letters = [extract_choice(g) for g in generations]
     else:
-        letters = predict_mmlu_loglik(model, tokenizer, prompts, batch_size, max_input_tokens=budget)
+        letters = predict_mmlu_loglik(
+            model, tokenizer, prompts, batch_size, max_input_tokens=budget
+        )
         generations = [None] * len(prompts)
 
     per_subject: dict[str, list[bool]] = {s: [] for s in data}

@@ -18,6 +18,7 @@ timeouts, the program killing the interpreter, resource limits) fails.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -51,10 +52,8 @@ def _child_env(workdir: str) -> dict[str, str]:
 def _kill_group(proc: subprocess.Popen) -> None:
     # The child leads its own process group (start_new_session), so this also
     # reaches anything it started; it is not reaped yet, so the group id is its own.
-    try:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 def run_in_sandbox(
@@ -145,7 +144,8 @@ def check_correctness(
     Returns:
         ``{"task_id": str, "passed": bool, "result": str, "completion_id": int | None}``.
     """
-    result = run_in_sandbox(build_program(problem, completion), timeout, memory_limit_mb=memory_limit_mb)
+    program = build_program(problem, completion)
+    result = run_in_sandbox(program, timeout, memory_limit_mb=memory_limit_mb)
     return {
         "task_id": problem["task_id"],
         "passed": result == "passed",

@@ -220,6 +220,7 @@ class Trainer:
         bar = tqdm(total=total_steps, initial=state["global_step"], disable=not (is_main and cfg.progress), desc=str(record.get("name", "train")), dynamic_ncols=True)
         start = time.perf_counter()
         running_loss, running_n = 0.0, 0
+        period_loss, period_n = 0.0, 0  # since the last evaluation
         try:
             while state["global_step"] < total_steps:
                 epoch = state["global_step"] // steps_per_epoch
@@ -247,8 +248,12 @@ class Trainer:
                             self.method.on_step_end(unwrapped, step)
                             scheduler.step()
                         optimizer.zero_grad()
-                    running_loss += loss.detach().float().item()
+                    # Mean over processes, so the logged loss does not depend on how the batch is split.
+                    step_loss = accelerator.gather(loss.detach().float().reshape(1)).mean().item()
+                    running_loss += step_loss
                     running_n += 1
+                    period_loss += step_loss
+                    period_n += 1
                     state["train_samples"] += batch["labels"].shape[0] * accelerator.num_processes
                     if not accelerator.sync_gradients:
                         continue
@@ -264,6 +269,8 @@ class Trainer:
                     end_of_epoch = state["global_step"] % steps_per_epoch == 0
                     if state["global_step"] % eval_every == 0 or end_of_epoch or state["global_step"] == total_steps:
                         state["train_time_s"] += time.perf_counter() - start
+                        state["period_train_loss"] = period_loss / max(period_n, 1)
+                        period_loss, period_n = 0.0, 0
                         self._evaluate_and_checkpoint(model, unwrapped, accelerator, optimizer, scheduler, state, epoch, bar)
                         write_record(**self._state_fields(state))
                         start = time.perf_counter()
@@ -293,7 +300,7 @@ class Trainer:
         t0 = time.perf_counter()
         with torch.no_grad():
             metrics = self.evaluate(model, accelerator)
-        entry = {"step": state["global_step"], "epoch": epoch + 1, "train_loss": state.get("last_train_loss"), "eval_time_s": time.perf_counter() - t0, **metrics}
+        entry = {"step": state["global_step"], "epoch": epoch + 1, "train_loss": state.get("period_train_loss"), "eval_time_s": time.perf_counter() - t0, **metrics}
         state["history"].append(entry)
         value = metrics[self.main_metric]
         best = state["best_metric"]
