@@ -78,7 +78,9 @@ class EpochShuffle(Sampler[int]):
     def __init__(self, size: int, seed: int) -> None:
         self.size, self.seed, self.epoch = size, seed, 0
 
-    def set_epoch(self, epoch: int) -> None:
+    # Not called set_epoch: accelerate's prepared loader calls set_epoch() with its
+    # own iteration counter, which restarts at 0 in a resumed run.
+    def use_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __iter__(self):
@@ -224,7 +226,7 @@ class Trainer:
         try:
             while state["global_step"] < total_steps:
                 epoch = state["global_step"] // steps_per_epoch
-                sampler.set_epoch(epoch)
+                sampler.use_epoch(epoch)
                 done_in_epoch = state["global_step"] - epoch * steps_per_epoch
                 epoch_loader = accelerator.skip_first_batches(loader, done_in_epoch * accum) if done_in_epoch else loader
                 model.train()

@@ -1,0 +1,50 @@
+"""Every table and figure for one runs folder: what ``scripts/make_results.py`` runs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+from melora.report.figures import FIGURES, save_figure
+from melora.report.paper import TABLES
+from melora.report.records import load_records
+from melora.report.render import write_table
+
+ARTIFACTS = ("table2", "table3", "table4", "table5", "figure3", "figure4", "figure5")
+
+
+def make_results(runs: str | Path, out: str | Path, only: list[str] | None = None, model: str | None = None,
+                 profile: str | None = None, threshold: float = 0.1, log: Callable[[str], None] = print) -> dict[str, list[Path]]:
+    """Write ``<out>/tables/table*.{md,csv,tex}`` and ``<out>/figures/figure*.{png,pdf}``.
+
+    An artifact with no records of its kind (e.g. Table 3 before any
+    instruction-tuning run) is skipped with a message, not written empty.
+
+    Returns:
+        Artifact name → files written.
+
+    Raises:
+        ValueError: an unknown artifact name, or records mixing models/profiles
+            without ``model``/``profile`` to choose.
+    """
+    unknown = sorted(set(only or ()) - set(ARTIFACTS))
+    if unknown:
+        raise ValueError(f"unknown artifacts {unknown}; choose from {list(ARTIFACTS)}")
+    records = load_records(runs)
+    written: dict[str, list[Path]] = {}
+    for name in only or ARTIFACTS:
+        if name in TABLES:
+            table = TABLES[name](records, model=model, profile=profile)
+            if not any(c.n for r in table.rows for c in r.cells.values()) and not table.excluded:
+                log(f"{name}: no matching runs in {runs}; skipped")
+                continue
+            written[name] = write_table(table, Path(out) / "tables")
+        else:
+            kwargs = {"threshold": threshold} if name == "figure3" else {}
+            fig = FIGURES[name](records, model=model, profile=profile, **kwargs)
+            if fig is None:
+                log(f"{name}: no matching runs in {runs}; skipped")
+                continue
+            written[name] = save_figure(fig, Path(out) / "figures", name)
+        log(f"{name}: " + ", ".join(str(p) for p in written[name]))
+    return written

@@ -1,0 +1,172 @@
+"""Figures 3–5 as matplotlib ``Figure`` objects (no pyplot state), saved as PNG and PDF.
+
+Figure 4 and 5 plot the mean dev metric (×100, error bars: std over seeds) of
+LoRA (n = 1) and MELoRA runs against ``n`` or ``r``, one panel per task. Figure 3
+plots, per adapted layer, the number of singular values of ``ΔW`` above 0.1 for
+LoRA r=8 and for each MELoRA n×r setting, one panel per (task, setting).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from pathlib import Path
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import FixedLocator, NullLocator
+
+from melora.report.paper import GLUE_LABELS, METRIC_NAMES, spec_tasks
+from melora.report.records import completed, lora_family, scope
+from melora.report.spectra import BaseModelFactory, has_adapter, mean_counts, run_spectra
+from melora.report.stats import Cell
+
+FIGURE3_BASELINE = "lora_r8"
+# Same equivalent rank as LoRA r=8 with n× fewer parameters, then LoRA r=8's parameters with n× the rank.
+FIGURE3_SETTINGS = ("melora_n2_r4", "melora_n4_r2", "melora_n8_r1", "melora_n2_r8", "melora_n4_r8", "melora_n8_r8")
+
+
+def _new_figure(panels: int, ncols: int, width: float = 4.0, height: float = 3.2) -> tuple[Figure, list]:
+    ncols = max(1, min(ncols, panels))
+    nrows = max(1, math.ceil(panels / ncols))
+    fig = Figure(figsize=(width * ncols, height * nrows + 0.6), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = [fig.add_subplot(nrows, ncols, i + 1) for i in range(panels)]
+    return fig, axes
+
+
+def _figure_tasks(name: str, records: list[dict], profile: str | None, tasks: list[str] | None) -> list[str]:
+    if tasks:
+        return list(tasks)
+    tasks = spec_tasks(name, profile) if profile else None
+    return tasks or sorted({r["task"] for r in records if r.get("task")})
+
+
+def sweep_points(records: list[dict], task: str, x: str) -> dict[int, dict[int, Cell]]:
+    """Line value → x value → dev metric over seeds, for LoRA/MELoRA runs of ``task``.
+
+    ``x`` is ``"n"`` (lines: r) or ``"r"`` (lines: n).
+    """
+    points: dict[int, dict[int, Cell]] = defaultdict(lambda: defaultdict(Cell))
+    for record in records:
+        family = lora_family(record)
+        if family is None or record.get("task") != task or not completed(record) or record.get("best_metric") is None:
+            continue
+        n, r = family
+        xv, line = (n, r) if x == "n" else (r, n)
+        cell = points[line][xv]
+        cell.values.append(float(record["best_metric"]))
+        cell.seeds.append(record.get("seed"))
+    return points
+
+
+def plot_sweep(records: list[dict], tasks: list[str], x: str, lines: tuple[int, ...] | None, title: str) -> Figure:
+    """One panel per task: the dev metric against ``x`` (``"n"`` or ``"r"``), one line per fixed value of the other."""
+    fig, axes = _new_figure(len(tasks), ncols=4)
+    other = "r" if x == "n" else "n"
+    for ax, task in zip(axes, tasks):
+        points = sweep_points(records, task, x)
+        metric = next((r.get("metric") for r in records if r.get("task") == task and r.get("metric")), None)
+        ax.set_title(f"{GLUE_LABELS.get(task, task)}" + (f" ({METRIC_NAMES.get(metric, metric)})" if metric else ""))
+        shown = [v for v in (lines or sorted(points)) if points.get(v)]
+        xs_all = set()
+        for value in shown:
+            xs = sorted(points[value])
+            xs_all.update(xs)
+            means = [points[value][v].mean * 100 for v in xs]
+            stds = [(points[value][v].std or 0.0) * 100 for v in xs]
+            label = f"{other}={value}" + (" (LoRA)" if other == "n" and value == 1 else "")
+            ax.errorbar(xs, means, yerr=stds, marker="o", capsize=3, label=label)
+        if xs_all:
+            ax.set_xscale("log", base=2)
+            ax.xaxis.set_major_locator(FixedLocator(sorted(xs_all)))
+            ax.xaxis.set_minor_locator(NullLocator())
+            ax.set_xticklabels([str(v) for v in sorted(xs_all)])
+            ax.legend(fontsize="small")
+        else:
+            ax.text(0.5, 0.5, "no completed runs", ha="center", va="center", transform=ax.transAxes)
+        ax.set_xlabel("n (number of mini LoRAs)" if x == "n" else "r (rank of each mini LoRA)")
+        ax.set_ylabel("dev metric ×100")
+        ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    return fig
+
+
+def _title(what: str, records: list[dict], model: str | None, profile: str | None) -> str:
+    seeds = sorted({r.get("seed") for r in records if completed(r)})
+    return f"{what} — {model}, profile {profile}, seeds {seeds}"
+
+
+def figure4(records: list[dict], tasks: list[str] | None = None, model: str | None = None, profile: str | None = None) -> Figure | None:
+    """Figure 4: dev metric against n with r fixed to 2 and 4 (n = 1: LoRA r)."""
+    records, model, profile = scope(records, "glue", model, profile)
+    if not records:
+        return None
+    tasks = _figure_tasks("figure4", records, profile, tasks)
+    return plot_sweep(records, tasks, "n", (2, 4), _title("Figure 4: effect of n at fixed r", records, model, profile))
+
+
+def figure5(records: list[dict], tasks: list[str] | None = None, model: str | None = None, profile: str | None = None) -> Figure | None:
+    """Figure 5: dev metric against r with n fixed to 1 (LoRA) and 2."""
+    records, model, profile = scope(records, "glue", model, profile)
+    if not records:
+        return None
+    tasks = _figure_tasks("figure5", records, profile, tasks)
+    return plot_sweep(records, tasks, "r", (1, 2), _title("Figure 5: effect of r at fixed n", records, model, profile))
+
+
+def _setting_name(tag: str) -> str:
+    family = tag.removeprefix("melora_n").split("_r")
+    return f"MELoRA {family[0]}×{family[1]}" if tag.startswith("melora_n") else tag
+
+
+def figure3(records: list[dict], tasks: list[str] | None = None, model: str | None = None, profile: str | None = None,
+            threshold: float = 0.1, base_model: BaseModelFactory | None = None,
+            settings: tuple[str, ...] = FIGURE3_SETTINGS, baseline: str = FIGURE3_BASELINE) -> Figure | None:
+    """Figure 3: per layer, singular values of ΔW above ``threshold``, LoRA r=8 vs each MELoRA n×r.
+
+    One panel per (task, setting) with runs; counts are averaged over seeds.
+    ``base_model`` builds a fresh base model for a record (default: the run's own).
+    """
+    records, model, profile = scope(records, "glue", model, profile)
+    tasks = _figure_tasks("figure3", records, profile, tasks)
+    usable = [r for r in records if completed(r) and r.get("task") in tasks and has_adapter(r)]
+    cache: dict[str, dict] = {}
+
+    def counts(task: str, tag: str) -> dict[str, dict[int, float]]:
+        runs = [r for r in usable if r["task"] == task and r.get("method_tag") == tag]
+        for r in runs:
+            if r["run_dir"] not in cache:
+                cache[r["run_dir"]] = run_spectra(r, threshold, base_model)
+        return mean_counts([cache[r["run_dir"]] for r in runs], threshold)
+
+    panels = [(task, tag) for task in tasks for tag in settings if any(r["task"] == task and r.get("method_tag") == tag for r in usable)]
+    if not panels:
+        return None
+    fig, axes = _new_figure(len(panels), ncols=3)
+    styles = {0: "-", 1: "--", 2: ":"}
+    for ax, (task, tag) in zip(axes, panels):
+        for color, (name, data) in zip(("tab:blue", "tab:orange"), (("LoRA r=8", counts(task, baseline)), (_setting_name(tag), counts(task, tag)))):
+            for i, (kind, per_layer) in enumerate(sorted(data.items())):
+                xs = sorted(per_layer)
+                ax.plot(xs, [per_layer[x] for x in xs], styles.get(i, "-."), color=color, marker="o", markersize=3, label=f"{name} ({kind})")
+        ax.set_title(f"{GLUE_LABELS.get(task, task)}: {_setting_name(tag)} vs LoRA r=8")
+        ax.set_xlabel("layer")
+        ax.set_ylabel(f"# singular values > {threshold:g}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="x-small")
+    fig.suptitle(_title("Figure 3: rank of the learned ΔW", records, model, profile))
+    return fig
+
+
+def save_figure(fig: Figure, folder: str | Path, name: str) -> list[Path]:
+    """``<folder>/<name>.png`` (150 dpi) and ``.pdf``."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = [folder / f"{name}.png", folder / f"{name}.pdf"]
+    fig.savefig(paths[0], dpi=150)
+    fig.savefig(paths[1])
+    return paths
+
+
+FIGURES = {"figure3": figure3, "figure4": figure4, "figure5": figure5}

@@ -1,0 +1,117 @@
+"""Reading run records and the facts tables need from them.
+
+A GLUE record (``melora.glue``) holds the task, the method config, the best dev
+metric and provenance. An instruction-tuning training record holds the dev loss
+as its main metric; its benchmark scores live in ``eval_record.json`` in the same
+folder, attached here under ``record["eval"]``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from melora.train.records import iter_records
+
+EVAL_RECORD = "eval_record.json"
+
+
+def load_records(root: str | Path, eval_file: str = EVAL_RECORD) -> list[dict]:
+    """Every record below ``root`` (``run_dir`` set); instruct runs get ``eval`` when evaluated."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"no runs folder {root}: train some runs first (python -m melora.sweep <spec> --profile …)")
+    records = []
+    for record in iter_records(root):
+        if record.get("kind") == "instruct":
+            path = Path(record["run_dir"]) / eval_file
+            if path.is_file():
+                record["eval"] = json.loads(path.read_text())
+        records.append(record)
+    return records
+
+
+@dataclass(frozen=True)
+class Setting:
+    """An adapter setting: method, mini-LoRA count ``n`` (1 for LoRA) and rank ``r``."""
+
+    method: str
+    n: int
+    r: int | None
+
+
+def setting_of(record: dict) -> Setting:
+    cfg = record.get("method_config", {})
+    method = cfg.get("method", record.get("method"))
+    r = cfg.get("r", cfg.get("target_r"))
+    return Setting(method=method, n=int(cfg.get("n", 1)), r=None if r is None else int(r))
+
+
+def lora_family(record: dict) -> tuple[int, int] | None:
+    """``(n, r)`` for LoRA (n = 1) and MELoRA runs, ``None`` for the other baselines."""
+    s = setting_of(record)
+    return (s.n, s.r) if s.method in ("lora", "melora") else None
+
+
+def completed(record: dict) -> bool:
+    return record.get("status") == "completed"
+
+
+def lookup(obj, path: str):
+    """``lookup(d, "scores.mmlu")`` → ``d["scores"]["mmlu"]``; ``None`` if any step is missing."""
+    for key in path.split("."):
+        if not isinstance(obj, dict) or key not in obj:
+            return None
+        obj = obj[key]
+    return obj
+
+
+def run_name(record: dict) -> str:
+    return record.get("name") or record.get("run_dir", "?")
+
+
+def hardware(record: dict) -> str:
+    device = record.get("device") or {}
+    if device.get("cuda"):
+        names = device["cuda"]
+        return f"{len(names)}× {names[0]}" if len(set(names)) == 1 else ", ".join(names)
+    cpu = device.get("cpu") or "CPU"
+    return f"{cpu} ({device.get('cpu_count', '?')} cores, {device.get('torch_threads', '?')} torch threads)"
+
+
+def run_date(record: dict) -> str | None:
+    started = record.get("started_at")
+    return dt.datetime.fromtimestamp(started, dt.timezone.utc).date().isoformat() if started else None
+
+
+def single_value(records: list[dict], field: str, what: str, choice: str | None = None) -> str:
+    """The one ``field`` value the records share (``choice`` picks one when they differ).
+
+    Raises:
+        ValueError: the records hold several values and no ``choice``, or not ``choice``.
+    """
+    values = sorted({r.get(field) for r in records if r.get(field) is not None})
+    if choice is not None:
+        if choice not in values:
+            raise ValueError(f"no {what} '{choice}' among the records; they hold {values}")
+        return choice
+    if len(values) != 1:
+        raise ValueError(f"the records hold {len(values)} {what}s {values}: choose one (--{what} …)")
+    return values[0]
+
+
+def scope(records: list[dict], kind: str, model: str | None = None, profile: str | None = None) -> tuple[list[dict], str | None, str | None]:
+    """The records of one kind, profile and model: ``(records, model, profile)``.
+
+    A table mixes neither profiles nor models; when the records hold several,
+    ``model``/``profile`` must say which (``single_value`` raises otherwise).
+    """
+    records = [r for r in records if r.get("kind") == kind]
+    if not records:
+        return [], model, profile
+    profile = single_value(records, "profile", "profile", profile)
+    records = [r for r in records if r.get("profile") == profile]
+    model = single_value(records, "model", "model", model)
+    return [r for r in records if r.get("model") == model], model, profile

@@ -1,0 +1,40 @@
+#!/usr/bin/env python
+"""Tables 2–5 and Figures 3–5 from a folder of run records.
+
+    python scripts/make_results.py --runs runs/mini --out results
+    python scripts/make_results.py --runs runs/paper --out results --only table2 figure4
+
+Writes results/tables/table{2,3,4,5}.{md,csv,tex} and
+results/figures/figure{3,4,5}.{png,pdf}; an artifact with no runs yet is
+skipped with a message. Nothing is typed by hand: every number comes from a
+record.json (and, for Tables 3/5, the run's eval_record.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from melora.report import ARTIFACTS, make_results
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", default="runs/mini", help="folder of run records, e.g. runs/mini (default) or runs/paper")
+    parser.add_argument("--out", default="results", help="output root: <out>/tables and <out>/figures (default: results)")
+    parser.add_argument("--only", nargs="+", choices=ARTIFACTS, metavar="NAME", help=f"some of {', '.join(ARTIFACTS)} (default: all)")
+    parser.add_argument("--model", help="model name (configs/model/<name>) when the runs folder holds several")
+    parser.add_argument("--profile", help="paper | mini | smoke, when the runs folder holds several")
+    parser.add_argument("--threshold", type=float, default=0.1, help="Figure 3: count singular values above this (paper: 0.1)")
+    args = parser.parse_args(argv)
+    try:
+        make_results(args.runs, args.out, only=args.only, model=args.model, profile=args.profile, threshold=args.threshold)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
