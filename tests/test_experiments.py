@@ -1,0 +1,149 @@
+"""Experiment specs: each expands to the runs its paper artifact needs, and those runs compose."""
+
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+from omegaconf import OmegaConf
+
+from melora.report.figures import FIGURE3_BASELINE, FIGURE3_SETTINGS
+from melora.report.paper import TABLES
+from melora.sweep import CONFIGS, EXPERIMENTS, compose_run, expand, load_spec
+
+SPECS = ["table2", "table3", "table4", "table5", "figure3", "figure4", "figure5"]
+PROFILES = ["paper", "mini", "smoke"]
+PAPER_TASKS = {"mnli", "sst2", "mrpc", "cola", "qnli", "qqp", "rte", "stsb"}
+OFFLINE_TASKS = {"sst2", "mrpc", "cola", "stsb", "rte"}  # train + dev TSVs in the shared data folder
+GLUE_DIRS = {"sst2": "SST-2", "mrpc": "MRPC", "cola": "CoLA", "stsb": "STS-B", "rte": "RTE"}
+
+# tasks × settings × seeds
+COUNTS = {
+    "table2": {"paper": 8 * 10 * 5, "mini": 5 * 10, "smoke": 2 * 10},
+    "table3": {"paper": 10 * 5, "mini": 4, "smoke": 2},
+    "table4": {"paper": 8 * 6 * 5, "mini": 5 * 6, "smoke": 6},
+    "table5": {"paper": 6 * 5, "mini": 6, "smoke": 2},
+    "figure3": {"paper": 7 * 5, "mini": 7, "smoke": 7},
+    "figure4": {"paper": 4 * 10 * 5, "mini": 2 * 10, "smoke": 10},
+    "figure5": {"paper": 4 * 10 * 5, "mini": 2 * 10, "smoke": 10},
+}
+
+
+def runs(name: str, profile: str):
+    spec = load_spec(name)
+    out = expand(spec, profile)
+    if spec["entry"] == "glue" and any(not any(o.startswith("task=") for o in r.overrides) for r in out):
+        pytest.fail("melora.sweep.expand ignores the profile-level `tasks` of experiments/*.yaml: it needs "
+                    "`tasks = group.get('tasks', prof.get('tasks', [None]))` and the group `profiles` filter "
+                    "(see the report of the melora/report change)")
+    return out
+
+
+def overrides_value(run, key: str) -> str | None:
+    return next((o.split("=", 1)[1] for o in run.overrides if o.startswith(f"{key}=")), None)
+
+
+def method_tag(run) -> str:
+    """The run's ``method.tag``, resolved from configs/method/<method>.yaml and the run's method.* overrides."""
+    node = OmegaConf.load(CONFIGS / "method" / f"{overrides_value(run, 'method')}.yaml")
+    for o in run.overrides:
+        if o.startswith("method."):
+            key, value = o.split("=", 1)
+            OmegaConf.update(node, key.removeprefix("method."), yaml.safe_load(value))
+    return OmegaConf.create({"method": node}).method.tag
+
+
+@pytest.mark.parametrize("name", SPECS)
+def test_spec_opens_with_its_make_command(name):
+    text = (EXPERIMENTS / f"{name}.yaml").read_text()
+    assert text.startswith(f"# make sweep SPEC={name} PROFILE=mini     (= python -m melora.sweep {name} --profile mini)") or \
+        text.startswith(f"# make sweep SPEC={name} PROFILE=mini    (= python -m melora.sweep {name} --profile mini)")
+    assert load_spec(name)["name"] == name
+
+
+@pytest.mark.parametrize("name", SPECS)
+@pytest.mark.parametrize("profile", PROFILES)
+def test_run_counts_seeds_and_models(name, profile):
+    spec = load_spec(name)
+    out = runs(name, profile)
+    assert len(out) == COUNTS[name][profile]
+    assert len({tuple(sorted(r.overrides)) for r in out}) == len(out)  # no run twice
+    seeds = {overrides_value(r, "seed") for r in out}
+    assert seeds == ({"0", "1", "2", "3", "4"} if profile == "paper" else {"0"})
+    model = {"glue": {"paper": "roberta-base"}, "instruct": {"paper": "llama2-7b"}}[spec["entry"]].get(
+        profile, "minilm" if spec["entry"] == "glue" else "smollm2-135m")
+    assert {overrides_value(r, "model") for r in out} == {model}
+    assert all(r.overrides[0] == f"profile={profile}" for r in out)
+    if spec["entry"] == "glue":
+        tasks = {overrides_value(r, "task").removeprefix("glue/") for r in out}
+        if profile == "paper" and name in ("table2", "table4"):
+            assert tasks == PAPER_TASKS
+        if profile != "paper":
+            assert tasks <= OFFLINE_TASKS, f"{name} at {profile} needs tasks that are not offline: {tasks - OFFLINE_TASKS}"
+
+
+def test_mini_tasks_have_data():
+    data_dir = os.environ.get("MELORA_DATA_DIR")
+    if not data_dir:
+        pytest.skip("MELORA_DATA_DIR is unset: point it at the shared data folder")
+    for task in OFFLINE_TASKS:
+        folder = Path(data_dir) / "glue" / GLUE_DIRS[task]
+        assert (folder / "train.tsv").is_file() and (folder / "dev.tsv").is_file(), folder
+
+
+def test_exact_override_lists():
+    assert runs("table2", "paper")[0].overrides == ["profile=paper", "model=roberta-base", "task=glue/mnli", "method=lora", "method.r=8", "seed=0"]
+    assert runs("table2", "mini")[-1].overrides == ["profile=mini", "model=minilm", "task=glue/stsb", "method=melora", "method.r=1", "method.n=8", "seed=0"]
+    assert [r.overrides for r in runs("table4", "smoke")][3:] == [
+        ["profile=smoke", "model=minilm", "task=glue/mrpc", "method=melora", "method.n=2", f"method.r={r}", "seed=0"] for r in (2, 4, 8)]
+    assert runs("figure4", "mini")[0].overrides == ["profile=mini", "model=minilm", "task=glue/mrpc", "method=lora", "method.r=2", "seed=0"]
+    assert runs("table3", "paper")[-1].overrides == ["profile=paper", "model=llama2-7b", "method=melora", "method.r=1", "method.n=64", "seed=4"]
+    assert [r.overrides for r in runs("table5", "smoke")] == [
+        ["profile=smoke", "model=smollm2-135m", "method=lora", "method.r=16", "seed=0"],
+        ["profile=smoke", "model=smollm2-135m", "method=melora", "method.n=2", "method.r=8", "seed=0"]]
+
+
+def table_tags(name: str) -> set[str]:
+    table = TABLES[name]([])
+    return {t for row in table.rows for t in row.spec.tags}
+
+
+@pytest.mark.parametrize("name,profile", [("table2", "paper"), ("table2", "smoke"), ("table4", "mini"), ("table3", "paper"), ("table5", "paper")])
+def test_specs_run_exactly_the_settings_their_tables_report(name, profile):
+    assert {method_tag(r) for r in runs(name, profile)} == table_tags(name)
+
+
+def test_figure_specs_cover_the_figure_settings():
+    assert {method_tag(r) for r in runs("figure3", "mini")} == {FIGURE3_BASELINE, *FIGURE3_SETTINGS}
+    fig4 = {method_tag(r) for r in runs("figure4", "paper")}
+    assert fig4 == {f"lora_r{r}" for r in (2, 4)} | {f"melora_n{n}_r{r}" for n in (2, 4, 8, 16) for r in (2, 4)}
+    fig5 = {method_tag(r) for r in runs("figure5", "mini")}
+    assert fig5 == {f"lora_r{r}" for r in (1, 2, 4, 8, 16)} | {f"melora_n2_r{r}" for r in (1, 2, 4, 8, 16)}
+
+
+def sample(out: list) -> list:
+    return [out[0], out[len(out) // 2], out[-1]] if len(out) > 2 else out
+
+
+@pytest.mark.parametrize("name", [s for s in SPECS if s not in ("table3", "table5")])
+def test_glue_runs_compose(name, tmp_path):
+    for profile in PROFILES:
+        for run in sample(runs(name, profile)):
+            cfg = compose_run(run, [f"runs_root={tmp_path}"])
+            task, model = overrides_value(run, "task").split("/")[1], overrides_value(run, "model")
+            assert cfg.task.name == task and cfg.model.name == model and cfg.profile.name == profile
+            assert cfg.method.tag == method_tag(run)
+            assert cfg.run_dir == f"{tmp_path}/{profile}/glue-{task}/{model}/{cfg.method.tag}/seed{cfg.seed}"
+            if cfg.method.name == "melora":  # MELoRA needs n | d_in, d_out; checked when the layer is built
+                assert cfg.method.n in (1, 2, 4, 8, 16)
+
+
+@pytest.mark.parametrize("name", ["table3", "table5"])
+def test_instruct_runs_compose(name, tmp_path):
+    if not (CONFIGS / "instruct.yaml").is_file():
+        pytest.skip("configs/instruct.yaml does not exist yet: the instruction-tuning entry point is not wired")
+    for profile in PROFILES:
+        for run in sample(runs(name, profile)):
+            cfg = compose_run(run, [f"runs_root={tmp_path}"])
+            assert cfg.method.tag == method_tag(run) and cfg.profile.name == profile
+            assert str(cfg.run_dir).startswith(f"{tmp_path}/{profile}/")
