@@ -7,10 +7,10 @@ import pytest
 
 import melora
 from conftest import randomize_adapters, tiny_bert
-from melora.analysis import singular_values
 from melora.report import make_results
 from melora.report.figures import figure3, figure4, figure5, save_figure
 from melora.report.records import load_records
+from melora.report.spectra import run_spectra
 from test_report_tables import fake_record, glue_runs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -89,8 +89,7 @@ def test_figure3_counts_singular_values_per_layer(tmp_path):
 
     def counts(tag, seed, kind):
         run = next(r for r in records if r["method_tag"] == tag and r["seed"] == seed)
-        model = melora.load_adapter(tiny_bert(num_labels=2), Path(run["run_dir"]) / "adapter")
-        spectra = singular_values(model)
+        spectra = run_spectra(run, base_model=lambda record: tiny_bert(num_labels=2))
         return [spectra[f"bert.encoder.layer.{i}.attention.self.{kind}"].count_above for i in (0, 1)]
 
     lines = {label: list(line.get_ydata()) for label, line in zip(labels, ax.get_lines())}

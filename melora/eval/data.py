@@ -142,7 +142,7 @@ def _load_hub(*args: Any, **kwargs: Any) -> Any:
 
 
 def _mmlu_record(question: str, choices: Sequence[str], answer: int | str) -> dict[str, Any]:
-    if isinstance(answer, str) and answer.strip() in "ABCD" and answer.strip():
+    if isinstance(answer, str) and answer.strip() in ("A", "B", "C", "D"):
         answer = "ABCD".index(answer.strip())
     answer = int(answer)
     if len(choices) != 4 or not 0 <= answer < 4:

@@ -126,16 +126,17 @@ def _values(records: list[dict], tags: set[str], columns: list[Column]):
             excluded.append(f"{run_name(record)}: {record.get('status', 'no status')}" + (f" ({error})" if error else "")
                             + f" [{record.get('run_dir', '')}]")
             continue
-        took = False
+        missing = []
         for col in cols:
             value = col.value(record)
             if value is None:
-                why = f" ({record['eval_note']})" if record.get("eval_note") else ""
-                excluded.append(f"{run_name(record)}: completed, but has no {col.label} value{why} [{record.get('run_dir', '')}]")
-                continue
-            values[(record["method_tag"], col.key)].append((record.get("seed"), float(value)))
-            took = True
-        if took:
+                missing.append(col.label)
+            else:
+                values[(record["method_tag"], col.key)].append((record.get("seed"), float(value)))
+        if missing:
+            why = f" ({record['eval_note']})" if record.get("eval_note") else ""
+            excluded.append(f"{run_name(record)}: completed, but has no {', '.join(missing)} value{why} [{record.get('run_dir', '')}]")
+        if len(missing) < len(cols):
             used.append(record)
     return values, excluded, used
 
