@@ -261,6 +261,7 @@ def train_instruct(cfg: DictConfig) -> dict:
 
     seed_everything(cfg.seed)
     started = time.time()
+    cpu_start = time.process_time()
     tokenizer = load_tokenizer(cfg.model)
     train_set, dev_set = prepare_alpaca_data(cfg, tokenizer)
     tcfg = trainer_config(cfg)
@@ -322,6 +323,9 @@ def train_instruct(cfg: DictConfig) -> dict:
     # The trainer counts micro-batches; the record states batch sizes in examples.
     processes = record.get("num_processes", 1)
     record.update(global_batch_size=tcfg.batch_size, per_device_batch_size=micro, gradient_accumulation=tcfg.batch_size // (micro * processes), train_size=len(train_set))
+    # CPU seconds of all threads in this session (a resumed run counts its last session only):
+    # comparable across runs on a shared, busy machine, unlike wall time.
+    record["process_cpu_time_s"] = time.process_time() - cpu_start
     from accelerate import PartialState
 
     if PartialState().is_main_process:

@@ -204,6 +204,7 @@ def evaluate_instruct(cfg: DictConfig) -> dict:
     atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
 
     started = time.time()
+    cpu_start = time.process_time()
     seed_everything(cfg.eval.seed)
     t0 = time.perf_counter()
     model, tokenizer, merged = load_eval_model(cfg, adapter)
@@ -242,6 +243,7 @@ def evaluate_instruct(cfg: DictConfig) -> dict:
             "shots": {t: r["shots"] for t, r in results.items()},
             "generation": {t: r["generation"] for t, r in results.items()},
             "time_s": {t: r["time_s"] for t, r in results.items()},
+            "cpu_time_s": {t: r.get("cpu_time_s") for t, r in results.items()},
         }
 
     results = {t: done[t] for t in cfg.eval.tasks if t in done}
@@ -250,12 +252,15 @@ def evaluate_instruct(cfg: DictConfig) -> dict:
             log.info("%s: already evaluated (%s = %s)", task, results[task]["metric"], results[task]["score"])
             continue
         kwargs = dict(settings[task])
+        cpu0 = time.process_time()
         out = evaluate_all(
             model, tokenizer, tasks=[task], data_dir=cfg.data_dir, max_examples=kwargs.pop("max_examples"),
             seed=cfg.eval.seed, batch_size=cfg.eval.batch_size, max_length=cfg.eval.max_length,
             task_kwargs={task: kwargs} if kwargs else None, return_predictions=cfg.eval.save_predictions,
         )
         result = out["results"][task]
+        # CPU seconds of all threads: comparable across runs on a shared, busy machine, unlike wall time.
+        result["cpu_time_s"] = time.process_time() - cpu0
         predictions = result.pop("predictions", None)
         if predictions is not None:
             atomic_write_json(run_dir / "predictions" / f"{task}.json", predictions)
@@ -263,7 +268,8 @@ def evaluate_instruct(cfg: DictConfig) -> dict:
         log.info("%s: %s = %.4f on %d examples (%.0f s)", task, result["metric"], result["score"] or 0.0, result["n_examples"], result["time_s"])
         record.update(summarise(results))
         atomic_write_json(run_dir / EVAL_RECORD, record)
-    record.update(summarise(results), status="completed", finished_at=time.time(), wall_time_s=time.time() - started)
+    record.update(summarise(results), status="completed", finished_at=time.time(), wall_time_s=time.time() - started,
+                  process_cpu_time_s=time.process_time() - cpu_start)
     atomic_write_json(run_dir / EVAL_RECORD, record)
     return record
 

@@ -5,13 +5,16 @@ A spec (``experiments/<name>.yaml``) lists groups of runs as Hydra overrides::
     name: table2
     entry: glue                     # glue | instruct
     profiles:                       # per-profile settings
-      paper: {seeds: [0, 1, 2, 3, 4], overrides: [model=roberta-base]}
-      mini:  {seeds: [0], overrides: [model=minilm]}
+      paper: {seeds: [0, 1, 2, 3, 4], overrides: [model=roberta-base], tasks: [glue/mnli, glue/rte]}
+      mini:  {seeds: [0], overrides: [model=minilm], tasks: [glue/rte]}
     groups:
-      - tasks: [glue/mrpc, glue/rte]
-        methods:
+      - methods:                    # tasks: the profile's, unless the group lists its own
           - [method=lora, method.r=8]
           - [method=melora, method.r=8, "method.n=2,4,8"]   # a comma list is swept
+      - profiles: [paper]           # optional: the group runs at these profiles only
+        tasks: [glue/mrpc]
+        methods:
+          - [method=dylora, method.r=8]
 
 ``expand(spec, profile)`` gives one override list per run (the cross product of
 tasks × methods × comma lists × seeds). ``run_all`` composes each run's config,
@@ -76,7 +79,9 @@ def expand(spec: dict, profile: str) -> list[RunSpec]:
     base = [f"profile={profile}", *prof.get("overrides", [])]
     runs = []
     for group in spec["groups"]:
-        tasks = group.get("tasks", [None])
+        if profile not in group.get("profiles", [profile]):
+            continue
+        tasks = group.get("tasks", prof.get("tasks", [None]))
         for task, method, seed in itertools.product(tasks, group["methods"], prof["seeds"]):
             head = [f"task={task}"] if task else []
             for combo in _split_sweeps([*method, *group.get("overrides", [])]):

@@ -3,10 +3,11 @@
 
     python scripts/make_results.py --runs runs/mini --out results
     python scripts/make_results.py --runs runs/paper --out results --only table2 figure4
+    python scripts/make_results.py --runs runs/mini --out results/demo --only demo --print
 
 Writes results/tables/table{2,3,4,5}.{md,csv,tex} and
-results/figures/figure{3,4,5}.{png,pdf}; an artifact with no runs yet is
-skipped with a message. Nothing is typed by hand: every number comes from a
+results/figures/figure{3,4,5}.{png,pdf} (`demo`, a slice of Table 2, only when
+named); an artifact with no runs yet is skipped with a message. Nothing is typed by hand: every number comes from a
 record.json (and, for Tables 3/5, the run's eval_record.json).
 """
 
@@ -15,7 +16,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from melora.report import ARTIFACTS, make_results
+from melora.report import ARTIFACTS, EXTRAS, make_results
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -23,13 +24,16 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", default="runs/mini", help="folder of run records, e.g. runs/mini (default) or runs/paper")
     parser.add_argument("--out", default="results", help="output root: <out>/tables and <out>/figures (default: results)")
-    parser.add_argument("--only", nargs="+", choices=ARTIFACTS, metavar="NAME", help=f"some of {', '.join(ARTIFACTS)} (default: all)")
+    parser.add_argument("--only", nargs="+", choices=ARTIFACTS + EXTRAS, metavar="NAME",
+                        help=f"some of {', '.join(ARTIFACTS + EXTRAS)} (default: all but {', '.join(EXTRAS)})")
     parser.add_argument("--model", help="model name (configs/model/<name>) when the runs folder holds several")
     parser.add_argument("--profile", help="paper | mini | smoke, when the runs folder holds several")
     parser.add_argument("--threshold", type=float, default=0.1, help="Figure 3: count singular values above this (paper: 0.1)")
+    parser.add_argument("--print", action="store_true", help="also print each table (Markdown) to stdout")
     args = parser.parse_args(argv)
     try:
-        make_results(args.runs, args.out, only=args.only, model=args.model, profile=args.profile, threshold=args.threshold)
+        make_results(args.runs, args.out, only=args.only, model=args.model, profile=args.profile, threshold=args.threshold,
+                     show=print if args.print else None)
     except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

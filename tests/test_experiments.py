@@ -67,9 +67,11 @@ def _tag(method_overrides: tuple[str, ...]) -> str:
 @pytest.mark.parametrize("name", SPECS)
 def test_spec_opens_with_its_make_command(name):
     text = (EXPERIMENTS / f"{name}.yaml").read_text()
-    assert text.startswith(f"# make sweep SPEC={name} PROFILE=mini     (= python -m melora.sweep {name} --profile mini)") or \
-        text.startswith(f"# make sweep SPEC={name} PROFILE=mini    (= python -m melora.sweep {name} --profile mini)")
+    assert text.startswith(f"# make {name} PROFILE=mini   (= python -m melora.sweep {name} --profile mini, then\n"
+                           f"#   python scripts/make_results.py --runs runs/mini --out results --only {name})\n")
     assert load_spec(name)["name"] == name
+    makefile = (Path(__file__).resolve().parents[1] / "Makefile").read_text()
+    assert f"{name}: $(VENV)/.installed ##" in makefile, f"the Makefile has no `{name}` target"
 
 
 @pytest.mark.parametrize("name", SPECS)

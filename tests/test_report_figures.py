@@ -133,3 +133,14 @@ def test_cli_help_and_only(tmp_path, capsys):
     assert sorted(p.name for p in (tmp_path / "out").rglob("*.*")) == ["figure5.pdf", "figure5.png"]
     assert cli.main(["--runs", str(tmp_path / "missing")]) == 2
     assert "no runs folder" in capsys.readouterr().err
+
+
+def test_cli_demo_prints_its_table(tmp_path, capsys):
+    for task, values in (("mrpc", (0.80, 0.82, 0.81)), ("stsb", (0.88, 0.90, 0.87))):
+        for tag, value in zip(("lora_r8", "melora_n2_r8", "melora_n8_r1"), values):
+            fake_record(tmp_path / "runs", task, tag, 0, value)
+    assert load_cli().main(["--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "demo"), "--only", "demo", "--print"]) == 0
+    out = capsys.readouterr().out
+    assert "## Demo (a slice of Table 2): GLUE dev results, minilm" in out
+    assert "| MELoRA n=8 r=1 | 9.2K | 81.0 | 87.0 | 84.0 |" in out
+    assert (tmp_path / "demo" / "tables" / "demo.md").read_text() in out

@@ -3,15 +3,15 @@
 ``records``  loading ``record.json`` (+ instruction-tuning ``eval_record.json``) files
 ``stats``    mean ± std over seeds
 ``tables``   row/column specs, aggregation with best-setting selection, provenance caption
-``paper``    the definitions of Tables 2–5 and the place for the paper's own numbers
+``paper``    the definitions of Tables 2–5 (and ``make demo``'s slice) and the place for the paper's own numbers
 ``render``   Markdown, CSV and LaTeX writers
 ``spectra``  Figure 3's statistic from saved adapters
 ``figures``  Figures 3–5 (matplotlib, Agg)
 ``build``    everything for one runs folder (what ``scripts/make_results.py`` calls)
 """
 
-from melora.report.build import ARTIFACTS, make_results
+from melora.report.build import ARTIFACTS, EXTRAS, make_results
 from melora.report.records import load_records
 from melora.report.tables import Table
 
-__all__ = ["ARTIFACTS", "Table", "load_records", "make_results"]
+__all__ = ["ARTIFACTS", "EXTRAS", "Table", "load_records", "make_results"]

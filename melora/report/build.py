@@ -8,17 +8,20 @@ from typing import Callable
 from melora.report.figures import FIGURES, save_figure
 from melora.report.paper import TABLES
 from melora.report.records import load_records
-from melora.report.render import write_table
+from melora.report.render import to_markdown, write_table
 
 ARTIFACTS = ("table2", "table3", "table4", "table5", "figure3", "figure4", "figure5")
+EXTRAS = ("demo",)  # written only when asked for (``make demo``)
 
 
 def make_results(runs: str | Path, out: str | Path, only: list[str] | None = None, model: str | None = None,
-                 profile: str | None = None, threshold: float = 0.1, log: Callable[[str], None] = print) -> dict[str, list[Path]]:
-    """Write ``<out>/tables/table*.{md,csv,tex}`` and ``<out>/figures/figure*.{png,pdf}``.
+                 profile: str | None = None, threshold: float = 0.1, log: Callable[[str], None] = print,
+                 show: Callable[[str], None] | None = None) -> dict[str, list[Path]]:
+    """Write ``<out>/tables/<table>.{md,csv,tex}`` and ``<out>/figures/<figure>.{png,pdf}``.
 
     An artifact with no records of its kind (e.g. Table 3 before any
     instruction-tuning run) is skipped with a message, not written empty.
+    ``show`` receives each table's Markdown (``--print``).
 
     Returns:
         Artifact name → files written.
@@ -27,9 +30,9 @@ def make_results(runs: str | Path, out: str | Path, only: list[str] | None = Non
         ValueError: an unknown artifact name, or records mixing models/profiles
             without ``model``/``profile`` to choose.
     """
-    unknown = sorted(set(only or ()) - set(ARTIFACTS))
+    unknown = sorted(set(only or ()) - set(ARTIFACTS) - set(EXTRAS))
     if unknown:
-        raise ValueError(f"unknown artifacts {unknown}; choose from {list(ARTIFACTS)}")
+        raise ValueError(f"unknown artifacts {unknown}; choose from {list(ARTIFACTS + EXTRAS)}")
     records = load_records(runs)
     written: dict[str, list[Path]] = {}
     for name in only or ARTIFACTS:
@@ -39,6 +42,8 @@ def make_results(runs: str | Path, out: str | Path, only: list[str] | None = Non
                 log(f"{name}: no matching runs in {runs}; skipped")
                 continue
             written[name] = write_table(table, Path(out) / "tables")
+            if show is not None:
+                show(to_markdown(table))
         else:
             kwargs = {"threshold": threshold} if name == "figure3" else {}
             fig = FIGURES[name](records, model=model, profile=profile, **kwargs)

@@ -205,4 +205,14 @@ def table5(records: list[dict], model: str | None = None, profile: str | None = 
                    ["R: equivalent rank n·r; MELoRA n=2, r=R/2 (Table 4's design: MELORA.md does not give the paper's setting)."])
 
 
-TABLES = {"table2": table2, "table3": table3, "table4": table4, "table5": table5}
+def demo(records: list[dict], model: str | None = None, profile: str | None = None) -> Table:
+    """``make demo``: LoRA r=8 against MELoRA with its parameters (n=2, r=8) and 8× fewer (n=8, r=1)."""
+    records, model, profile = scope(records, "glue", model, profile)
+    tasks = _glue_tasks("demo", records, profile)
+    specs = [RowSpec("LoRA r=8", ("lora_r8",)), RowSpec("MELoRA n=2 r=8", ("melora_n2_r8",)), RowSpec("MELoRA n=8 r=1", ("melora_n8_r1",))]
+    title = f"Demo (a slice of Table 2): GLUE dev results, {model or 'no runs'}"
+    return _finish("demo", title, [glue_column(t) for t in tasks], specs, records, _metric_note(records, tasks),
+                   ["MELoRA n=2 r=8 has LoRA r=8's trainable parameters; n=8 r=1 has 8× fewer. The full n sweep: make table2."])
+
+
+TABLES = {"table2": table2, "table3": table3, "table4": table4, "table5": table5, "demo": demo}
