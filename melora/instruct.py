@@ -47,9 +47,6 @@ from melora.train.trainer import Trainer, TrainerConfig, total_optimizer_steps
 
 log = logging.getLogger(__name__)
 
-# Seed of the training subset (``task.max_train_samples``) and of the length
-# grouping: fixed, so every method and seed sees the same examples.
-DATA_SEED = 1234
 # Examples sorted together when grouping by length (as transformers' LengthGroupedSampler).
 MEGABATCH_FACTOR = 50
 IGNORE_INDEX = -100
@@ -94,10 +91,6 @@ class MicroBatches(Dataset):
 
     def __getitem__(self, index: int) -> list[dict]:
         return [self.dataset[i] for i in self.batches[index]]
-
-    @property
-    def num_examples(self) -> int:
-        return len(self.lengths)
 
     def padding_fraction(self) -> float:
         """Share of the padded ``(b, max length)`` token grid that is padding."""
@@ -190,6 +183,19 @@ def make_dev_loss_evaluator(dev: MicroBatches, collate_fn: Callable) -> Callable
     return evaluate
 
 
+@torch.no_grad()
+def dev_loss_of(model, dev: MicroBatches, collate_fn: Callable, device: torch.device | str) -> float:
+    """Token-weighted dev loss of ``model`` in this process alone (no accelerate), e.g. before training."""
+    was_training = model.training
+    model.eval()
+    total = torch.zeros(2, dtype=torch.float64)
+    for index in range(len(dev)):
+        batch = {k: v.to(device) for k, v in collate_fn([dev[index]]).items()}
+        total += torch.stack(token_losses(model, batch)).cpu()
+    model.train(was_training)
+    return (total[0] / total[1].clamp(min=1)).item()
+
+
 def load_instruct_model(cfg: DictConfig):
     """The base causal LM of ``cfg.model``, ready for adapter training.
 
@@ -266,7 +272,8 @@ def train_instruct(cfg: DictConfig) -> dict:
     train_set, dev_set = prepare_alpaca_data(cfg, tokenizer)
     tcfg = trainer_config(cfg)
     micro = tcfg.per_device_batch_size or tcfg.batch_size
-    train_batches = MicroBatches(train_set, micro, cfg.task.group_by_length, seed=DATA_SEED)
+    # Which examples share a micro-batch depends on the run's seed, as with transformers' sampler.
+    train_batches = MicroBatches(train_set, micro, cfg.task.group_by_length, seed=cfg.seed)
     dev_batches = MicroBatches(dev_set, cfg.task.eval_batch_size, group_by_length=True, shuffle=False)
     item_cfg = micro_batch_trainer_config(tcfg, micro)
     total_steps = total_optimizer_steps(len(train_batches), item_cfg)
@@ -277,6 +284,14 @@ def train_instruct(cfg: DictConfig) -> dict:
     model = inject(model, acfg, seed=cfg.seed)
     upcast_trainable(model)
     collate = flatten_collator(CausalLMCollator.from_tokenizer(tokenizer))
+    # The base model's dev loss (B = 0, so ΔW = 0): the reference the training must beat.
+    if existing is not None and existing.get("dev_loss_at_start") is not None:
+        start_loss = existing["dev_loss_at_start"]
+    else:
+        from accelerate import PartialState
+
+        device = PartialState().device
+        start_loss = dev_loss_of(model.to(device), dev_batches, collate, device)
     name = f"{cfg.task.name}/{cfg.model.name}/{cfg.method.tag}/seed{cfg.seed}"
     record = {
         "name": name,
@@ -295,6 +310,7 @@ def train_instruct(cfg: DictConfig) -> dict:
         "dataset": cfg.task.dataset,
         "dev_size": len(dev_set),
         "eval_sizes": {"validation": len(dev_set)},
+        "dev_loss_at_start": start_loss,
         "cutoff_len": cfg.task.cutoff_len,
         "train_on_inputs": cfg.task.train_on_inputs,
         "group_by_length": cfg.task.group_by_length,

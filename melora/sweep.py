@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", default="mini", help="paper | mini | smoke")
     parser.add_argument("--list", action="store_true", help="print the runs and exit")
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run (e.g. runs_root=…)")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     runs = expand(load_spec(args.spec), args.profile)
     if args.list:
         for run in runs:

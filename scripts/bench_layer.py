@@ -495,8 +495,9 @@ def render_markdown(rows: list[dict], targets: list[dict], args, wall_s: float) 
         f"- Method: median of round-robin samples, about {args.budget:g} s of samples per module "
         f"(≥ {DEFAULT_MIN_REPS}, base ≥ {MIN_REPS['base']}, block_diag ≥ {MIN_REPS['block_diag']}, ≤ {args.max_reps}); "
         f"input {SEQ_LEN}-token sequences; `fwd` = inference under no_grad, `fwdbwd` = forward + backward "
-        f"with the input requiring grad; α = {ALPHA:g}, s = α/r, dropout 0. `peft_lora_r` and `melora_merged` "
-        "(merged at the largest n, r) are measured once per (d, T) and repeated on each row.\n\n"
+        f"with the input requiring grad; α = {ALPHA:g}, s = α/r, dropout 0. `base` and `melora_merged` "
+        "(merged at the largest n, r) are measured once per (d, T), PEFT once per rank, and repeated on each row "
+        "they answer.\n\n"
     )
     out.write("## Targets (full layer)\n\n")
     for t in targets:
@@ -518,6 +519,9 @@ def write_atomic(path: Path, text: str) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     with os.fdopen(fd, "w", newline="") as fh:
         fh.write(text)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file ordinary permissions
     os.replace(tmp, path)
 
 

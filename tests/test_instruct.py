@@ -228,8 +228,23 @@ def test_loss_is_on_response_tokens_only_through_the_training_path(tiny_model_di
     loss_sum, n_tokens = token_losses(model, batch)
     assert n_tokens == (batch["labels"][:, 1:] != -100).sum()
     torch.testing.assert_close(loss_sum / n_tokens, loss.double(), rtol=1e-5, atol=1e-6)
-    # Changing a prompt token's label value cannot matter: prompt labels are all -100.
-    assert (batch["labels"][batch["labels"] != -100] >= 0).all()
+
+    # The distributed evaluator and the single-process one agree; both are token-weighted.
+    from accelerate import Accelerator
+
+    from melora.instruct import dev_loss_of, make_dev_loss_evaluator
+
+    dev_batches = MicroBatches(dev, 3, group_by_length=True, shuffle=False)
+    metrics = make_dev_loss_evaluator(dev_batches, collate)(model, Accelerator(cpu=True))
+    per_token = []
+    for example in dev:
+        single = collate([[example]])
+        s, n = token_losses(model, single)
+        per_token.append((s, n))
+    expected = sum(s for s, _ in per_token) / sum(n for _, n in per_token)
+    assert metrics["dev_tokens"] == sum(int(n) for _, n in per_token)
+    assert metrics["dev_loss"] == pytest.approx(float(expected), rel=1e-5)
+    assert dev_loss_of(model, dev_batches, collate, "cpu") == pytest.approx(metrics["dev_loss"], rel=1e-6)
 
 
 # ---------------------------------------------------------------- training runs
@@ -239,6 +254,7 @@ RECORD_FIELDS = {
     "kind", "config", "config_hash", "history", "best_metric", "best_step", "trainable_params", "total_params",
     "equivalent_rank", "wall_time_s", "peak_memory_mb", "throughput_samples_per_s", "versions", "git_commit", "device",
     "dataset", "dev_size", "cutoff_len", "train_on_inputs", "group_by_length", "padding_fraction", "global_batch_size",
+    "dev_loss_at_start", "process_cpu_time_s",
 }
 
 
@@ -254,6 +270,7 @@ def test_tiny_run_writes_a_complete_record_and_keeps_the_lowest_dev_loss(tmp_pat
     losses = [h["dev_loss"] for h in record["history"]]
     assert len(losses) == 6 and all(h["dev_tokens"] > 0 for h in record["history"])
     assert record["best_metric"] == min(losses) and record["best_step"] == 1 + losses.index(min(losses))
+    assert record["dev_loss_at_start"] > record["best_metric"]  # lr 1e-2 on 16 examples: the dev loss drops
     assert record["equivalent_rank"] == 8 and record["adapter_params"] == 2 * 2 * (2 * 32 + 32 + 16)
     adapter = load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
     assert adapter and all(t.dtype == torch.float32 for t in adapter.values())
@@ -289,6 +306,7 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path, tiny_model_dir, al
     resumed = train_tiny(tmp_path / "cut", tiny_model_dir, alpaca_json, *args)
     assert resumed["status"] == "completed" and resumed["global_step"] == full["global_step"] == 4
     assert [h["dev_loss"] for h in resumed["history"]] == pytest.approx([h["dev_loss"] for h in full["history"]], rel=1e-6)
+    assert resumed["dev_loss_at_start"] == pytest.approx(full["dev_loss_at_start"], rel=1e-9)
     a = load_file(str(tmp_path / "full" / "adapter" / "adapter_model.safetensors"))
     b = load_file(str(tmp_path / "cut" / "adapter" / "adapter_model.safetensors"))
     for key in a:

@@ -47,9 +47,16 @@ def _jsonable(x: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(x).__name__}")
 
 
+# Settings that change how a run is shown or stored, not what it computes.
+_COSMETIC = ("run_dir", "resume", "logger", "hydra", "cache_dir", "runs_root")
+_COSMETIC_TRAINER = ("progress", "log_every", "num_workers")
+
+
 def config_hash(config: dict) -> str:
-    """Identity of a run: a hash of its resolved config minus where it is written."""
-    keep = {k: v for k, v in config.items() if k not in ("run_dir", "resume", "logger", "hydra")}
+    """Identity of a run: a hash of its resolved config minus where and how it is shown."""
+    keep = {k: v for k, v in config.items() if k not in _COSMETIC}
+    if isinstance(keep.get("trainer"), dict):
+        keep["trainer"] = {k: v for k, v in keep["trainer"].items() if k not in _COSMETIC_TRAINER}
     return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
