@@ -60,10 +60,11 @@ def test_dylora_rank_sampling_is_deterministic_per_step():
     assert {l.active_rank for l in melora.adapter_layers(model).values()} == {method.sample_rank(17)}
 
 
-def train_steps(model, method, steps, lr=1e-2):
+def train_steps(model, method, steps, lr=1e-2, start=0):
+    """Optimiser steps ``start .. start+steps-1`` with every method hook in place."""
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr)
     model.train()
-    for step in range(steps):
+    for step in range(start, start + steps):
         method.on_step_begin(model, step)
         ids = torch.randint(0, 120, (4, 8), generator=torch.Generator().manual_seed(step))
         model(input_ids=ids, labels=torch.tensor([0, 1, 2, 0])).loss.backward()
@@ -87,23 +88,11 @@ def test_delta_lora_moves_w_exactly_as_specified():
     assert torch.equal(layer.base_layer.weight, w0)
 
     product_before = (layer.lora_B[0] @ layer.lora_A[0]).detach().clone()
-    train_steps_from(model, method, start=2, steps=1)
+    train_steps(model, method, 1, start=2)
     product_after = (layer.lora_B[0] @ layer.lora_A[0]).detach()
     expected = w0 + 0.5 * (8 / 4) * (product_after - product_before)
     torch.testing.assert_close(layer.base_layer.weight, expected, rtol=1e-6, atol=1e-7)
     assert not torch.equal(layer.base_layer.weight, w0)
-
-
-def train_steps_from(model, method, start, steps):
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    model.train()
-    for step in range(start, start + steps):
-        ids = torch.randint(0, 120, (4, 8), generator=torch.Generator().manual_seed(step))
-        model(input_ids=ids, labels=torch.tensor([0, 1, 2, 0])).loss.backward()
-        method.before_optimizer_step(model, step)
-        opt.step()
-        method.on_step_end(model, step)
-        opt.zero_grad()
 
 
 def test_delta_lora_save_load_keeps_moved_w(tmp_path):
