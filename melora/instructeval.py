@@ -130,10 +130,10 @@ def task_settings(cfg: DictConfig) -> dict[str, dict[str, Any]]:
     ev = cfg.eval
     caps = _plain(ev.max_examples)
     layers = [_plain(ev.get(k)) or {} for k in ("profile_task_kwargs", "task_kwargs")]
-    unknown = sorted({t for layer in layers for t in layer} | (set(caps) if isinstance(caps, Mapping) else set()))
+    named = sorted({t for layer in layers for t in layer} | (set(caps) if isinstance(caps, Mapping) else set()))
     from melora.eval import TASKS
 
-    bad = [t for t in unknown if t not in TASKS]
+    bad = [t for t in named if t not in TASKS]
     if bad:
         raise ValueError(f"eval settings name unknown benchmark(s) {bad}; choose from {list(TASKS)}")
     out = {}

@@ -14,7 +14,6 @@ A model config (``configs/model/*.yaml``) names its ``source``:
 
 from __future__ import annotations
 
-import importlib.resources
 import importlib.util
 import os
 import shutil
@@ -33,12 +32,14 @@ def cache_root() -> Path:
 
 
 def _package_dir(package: str) -> Path:
-    if importlib.util.find_spec(package) is None:
+    """The folder of an installed package, found without importing it (its imports may be absent)."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
         raise ModuleNotFoundError(
             f"package '{package}' is not installed; `make setup` installs the offline models "
             f"(or pip install the package named in ../shared/ASSETS.md / the README)"
         )
-    return Path(str(importlib.resources.files(package)))
+    return Path(spec.submodule_search_locations[0])
 
 
 def _from_zip_parts(spec: dict) -> Path:
@@ -76,6 +77,7 @@ def _from_gguf(spec: dict, dtype: torch.dtype) -> Path:
         del config.quantization_config
     plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     plain.load_state_dict(model.state_dict())
+    cache_root().mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=cache_root()))
     plain.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)

