@@ -110,7 +110,35 @@ def train_run(entry: str, cfg) -> dict:
         return train_glue(cfg)
     from melora.instruct import train_instruct
 
-    return train_instruct(cfg)
+    record = train_instruct(cfg)
+    evaluate_run(cfg, adapter_dir=cfg.run_dir)
+    return record
+
+
+def evaluate_run(train_cfg, adapter_dir: str | None) -> dict:
+    """INSTRUCTEVAL of an instruct run's adapter (or of the base model: ``adapter_dir=None``).
+
+    Composed from ``configs/instructeval.yaml`` with the training run's profile,
+    model and runs root; a finished evaluation is skipped by ``evaluate_instruct``.
+    """
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from melora.instructeval import evaluate_instruct
+
+    overrides = [
+        f"profile={train_cfg.profile.name}",
+        f"model={train_cfg.model.name}",
+        f"runs_root={train_cfg.runs_root}",
+        f"adapter_dir={adapter_dir if adapter_dir else 'null'}",
+    ]
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        cfg = compose("instructeval", overrides=overrides, return_hydra_config=True)
+    run_dir = cfg.hydra.run.dir
+    OmegaConf.set_struct(cfg, False)
+    del cfg["hydra"]
+    cfg.run_dir = run_dir
+    return evaluate_instruct(cfg)
 
 
 def run_all(runs: list[RunSpec], extra: list[str] | None = None, keep_going: bool = True) -> dict[str, list[str]]:
@@ -118,15 +146,21 @@ def run_all(runs: list[RunSpec], extra: list[str] | None = None, keep_going: boo
     from melora.train.records import read_record
 
     outcome: dict[str, list[str]] = {"skipped": [], "completed": [], "failed": []}
+    base_evaluated = False
     for i, run in enumerate(runs, 1):
         cfg = compose_run(run, extra)
         record = read_record(cfg.run_dir)
         if record is not None and record.get("status") == "completed":
+            if run.entry == "instruct":  # a finished training may still lack its evaluation
+                evaluate_run(cfg, adapter_dir=cfg.run_dir)
             outcome["skipped"].append(cfg.run_dir)
             continue
         log.info("[%d/%d] %s", i, len(runs), run)
         print(f"[{i}/{len(runs)}] {run}", flush=True)
         try:
+            if run.entry == "instruct" and not base_evaluated:
+                evaluate_run(cfg, adapter_dir=None)  # the base model's row of Tables 3/5
+                base_evaluated = True
             train_run(run.entry, cfg)
             outcome["completed"].append(cfg.run_dir)
         except Exception:  # a failed run is recorded and listed, the sweep goes on
