@@ -50,12 +50,15 @@ bench-layer: $(VENV)/.installed ## Time MELoRALinear vs PEFT LoRA vs the per-min
 # PROFILE=paper (hub models, GPUs) | mini (offline, 2-core CPU) | smoke (seconds)
 PROFILE ?= paper
 RUNS ?= $(or $(MELORA_RUNS),runs)
-SWEEP := $(PY) -m melora.sweep
+# Worker processes per sweep: on a CPU two one-thread runs side by side beat one two-thread run.
+MINI_JOBS ?= 2
+JOBS ?= $(if $(filter paper,$(PROFILE)),1,$(MINI_JOBS))
+SWEEP := $(PY) -m melora.sweep --jobs $(JOBS)
 RESULTS := $(PY) scripts/make_results.py --runs $(RUNS)/$(PROFILE) --out results
 
 .PHONY: demo
 demo: $(VENV)/.installed ## The embedded default: mini Table 2 offline (MiniLM, local GLUE, 1 seed), then print it
-	$(SWEEP) demo --profile mini runs_root=$(RUNS)
+	$(PY) -m melora.sweep --jobs $(MINI_JOBS) demo --profile mini runs_root=$(RUNS)
 	$(PY) scripts/make_results.py --runs $(RUNS)/mini --out results/demo --only demo --print
 
 .PHONY: reproduce-glue

@@ -58,7 +58,11 @@ def make_glue_evaluator(task: str, eval_sets: dict, collate_fn, batch_size: int)
         metrics = {}
         for split, ds in eval_sets.items():
             if split not in loaders:
-                loaders[split] = accelerator.prepare(DataLoader(ds, batch_size=batch_size, collate_fn=collate_fn))
+                # Longest first: batches of similar length pad less. The metrics
+                # do not depend on the order (predictions and labels stay paired).
+                lengths = [len(ids) for ids in ds["input_ids"]]
+                by_length = sorted(range(len(ds)), key=lengths.__getitem__, reverse=True)
+                loaders[split] = accelerator.prepare(DataLoader(ds.select(by_length), batch_size=batch_size, collate_fn=collate_fn))
             preds, refs = [], []
             for batch in loaders[split]:
                 logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits

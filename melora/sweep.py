@@ -19,13 +19,20 @@ A spec (``experiments/<name>.yaml``) lists groups of runs as Hydra overrides::
 ``expand(spec, profile)`` gives one override list per run (the cross product of
 tasks × methods × comma lists × seeds). ``run_all`` composes each run's config,
 skips runs whose record is complete (a run is identified by its resolved
-config), and trains the rest in this process, one after another.
+config), and trains the rest in this process, one after another; with
+``--jobs N`` it starts N worker processes that share the missing runs, each with
+``cores / N`` threads (on a small CPU, two one-thread runs side by side get more
+done than one two-thread run).
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
+import os
+import subprocess
+import sys
+import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
@@ -141,12 +148,18 @@ def evaluate_run(train_cfg, adapter_dir: str | None) -> dict:
     return evaluate_instruct(cfg)
 
 
-def run_all(runs: list[RunSpec], extra: list[str] | None = None, keep_going: bool = True) -> dict[str, list[str]]:
-    """Train every run not yet complete; returns the run folders by outcome."""
+def run_all(
+    runs: list[RunSpec], extra: list[str] | None = None, keep_going: bool = True, evaluate_base: bool = True
+) -> dict[str, list[str]]:
+    """Train every run not yet complete; returns the run folders by outcome.
+
+    ``evaluate_base``: evaluate the base model before the first instruct run
+    (one worker of a parallel sweep does it).
+    """
     from melora.train.records import read_record
 
     outcome: dict[str, list[str]] = {"skipped": [], "completed": [], "failed": []}
-    base_evaluated = False
+    base_evaluated = not evaluate_base
     for i, run in enumerate(runs, 1):
         cfg = compose_run(run, extra)
         record = read_record(cfg.run_dir)
@@ -171,6 +184,65 @@ def run_all(runs: list[RunSpec], extra: list[str] | None = None, keep_going: boo
     return outcome
 
 
+def pending(runs: list[RunSpec], extra: list[str] | None = None) -> list[int]:
+    """Indices of the runs without a completed record (instruct runs: or without their evaluation)."""
+    from melora.train.records import read_record
+
+    todo = []
+    for i, run in enumerate(runs):
+        record = read_record(compose_run(run, extra).run_dir)
+        if record is None or record.get("status") != "completed" or run.entry == "instruct":
+            todo.append(i)
+    return todo
+
+
+def run_parallel(args, runs: list[RunSpec]) -> int:
+    """Share the missing runs among ``args.jobs`` worker processes; returns the exit status."""
+    todo = pending(runs, args.overrides)
+    jobs = min(args.jobs, len(todo))
+    if jobs <= 1:
+        return report(run_all([runs[i] for i in todo], args.overrides))
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    log_dir = Path(compose_run(runs[todo[0]], args.overrides).runs_root) / "logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    workers = []
+    for k in range(jobs):
+        share = todo[k::jobs]
+        log_path = log_dir / f"{Path(args.spec).stem}-{args.profile}-worker{k}.log"
+        command = [sys.executable, "-m", "melora.sweep", args.spec, "--profile", args.profile,
+                   "--only", ",".join(map(str, share)), *([] if k == 0 else ["--no-base-eval"]), *args.overrides]  # fmt: skip
+        env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+        with open(log_path, "w") as log_file:
+            workers.append(subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=env))
+        print(f"worker {k}: {len(share)} runs, {threads} thread(s), log {log_path}", flush=True)
+    dirs = [compose_run(runs[i], args.overrides).run_dir for i in todo]
+    done_before, start = -1, time.time()
+    while any(w.poll() is None for w in workers):
+        time.sleep(10)
+        done = sum(run_completed(d) for d in dirs)
+        if done != done_before:
+            print(f"[{time.time() - start:6.0f} s] {done}/{len(dirs)} runs completed", flush=True)
+            done_before = done
+    failed = [k for k, w in enumerate(workers) if w.returncode]
+    for k in failed:
+        print(f"worker {k} exited with status {workers[k].returncode}; see its log", flush=True)
+    return 1 if failed else 0
+
+
+def run_completed(run_dir: str) -> bool:
+    from melora.train.records import read_record
+
+    record = read_record(run_dir)
+    return record is not None and record.get("status") == "completed"
+
+
+def report(outcome: dict[str, list[str]]) -> int:
+    print({k: len(v) for k, v in outcome.items()})
+    for folder in outcome["failed"]:
+        print(f"FAILED: {folder}")
+    return 1 if outcome["failed"] else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
@@ -178,6 +250,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("spec", help="experiments/<spec>.yaml name or a path")
     parser.add_argument("--profile", default="mini", help="paper | mini | smoke")
     parser.add_argument("--list", action="store_true", help="print the runs and exit")
+    parser.add_argument("--jobs", type=int, default=1, help="worker processes sharing the runs (each gets cores/jobs threads)")
+    parser.add_argument("--only", help=argparse.SUPPRESS)  # a worker's share: comma-separated run indices
+    parser.add_argument("--no-base-eval", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run (e.g. runs_root=…)")
     args = parser.parse_intermixed_args(argv)
     runs = expand(load_spec(args.spec), args.profile)
@@ -185,11 +260,11 @@ def main(argv: list[str] | None = None) -> int:
         for run in runs:
             print(run)
         return 0
-    outcome = run_all(runs, args.overrides)
-    print({k: len(v) for k, v in outcome.items()})
-    for folder in outcome["failed"]:
-        print(f"FAILED: {folder}")
-    return 1 if outcome["failed"] else 0
+    if args.only is not None:
+        runs = [runs[int(i)] for i in args.only.split(",") if i]
+    elif args.jobs > 1:
+        return run_parallel(args, runs)
+    return report(run_all(runs, args.overrides, evaluate_base=not args.no_base_eval))
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -53,6 +53,9 @@ class TrainerConfig:
         greater_is_better: Whether a larger main metric is better.
         log_every: Steps between logged training losses.
         progress: Show a progress bar.
+        group_by_length: Build each micro-batch from examples of similar length
+            (less padding: faster on CPUs, where compute follows the padded
+            length). The order stays random and depends only on the seed and epoch.
     """
 
     epochs: int = 3
@@ -70,13 +73,26 @@ class TrainerConfig:
     log_every: int = 10
     progress: bool = True
     num_workers: int = 0
+    group_by_length: bool = False
 
 
 class EpochShuffle(Sampler[int]):
-    """A random permutation that depends only on ``(seed, epoch)``: resumable and reproducible."""
+    """A random permutation that depends only on ``(seed, epoch)``: resumable and reproducible.
 
-    def __init__(self, size: int, seed: int) -> None:
+    With ``lengths`` and ``batch_size`` the permutation is length-grouped: it is
+    cut into windows of ``GROUP_WINDOW`` micro-batches, each window is sorted by
+    length and cut into micro-batches, and the micro-batches are shuffled. Each
+    consecutive run of ``batch_size`` indices then holds examples of similar length.
+    """
+
+    GROUP_WINDOW = 50
+
+    def __init__(self, size: int, seed: int, lengths: Sequence[int] | None = None, batch_size: int | None = None) -> None:
+        if lengths is not None and (len(lengths) != size or not batch_size):
+            raise ValueError(f"length grouping needs one length per example ({size}) and a batch_size, got {len(lengths)} and {batch_size}")
         self.size, self.seed, self.epoch = size, seed, 0
+        self.lengths = torch.as_tensor(lengths) if lengths is not None else None
+        self.batch_size = batch_size
 
     # Not called set_epoch: accelerate's prepared loader calls set_epoch() with its
     # own iteration counter, which restarts at 0 in a resumed run.
@@ -85,7 +101,19 @@ class EpochShuffle(Sampler[int]):
 
     def __iter__(self):
         generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        return iter(torch.randperm(self.size, generator=generator).tolist())
+        order = torch.randperm(self.size, generator=generator)
+        if self.lengths is None:
+            return iter(order.tolist())
+        batches = []
+        window = self.batch_size * self.GROUP_WINDOW
+        for chunk in order.split(window):
+            by_length = chunk[torch.argsort(self.lengths[chunk], descending=True, stable=True)]
+            batches += list(by_length.split(self.batch_size))
+        # The short last batch (if any) stays last so every other batch is full.
+        full = [b for b in batches if len(b) == self.batch_size]
+        rest = [b for b in batches if len(b) != self.batch_size]
+        shuffled = [full[i] for i in torch.randperm(len(full), generator=generator).tolist()]
+        return iter(torch.cat(shuffled + rest).tolist() if batches else [])
 
     def __len__(self) -> int:
         return self.size
@@ -159,13 +187,26 @@ class Trainer:
             )
         accelerator.gradient_accumulation_steps = self.config.batch_size // micro_global
         self.per_device = per_device
+        self._num_processes = accelerator.num_processes
         return accelerator
+
+    def _length_grouping(self) -> tuple[list[int] | None, int | None]:
+        """``(lengths, micro-batch size)`` for a length-grouped sampler, or ``(None, None)``."""
+        if not self.config.group_by_length:
+            return None, None
+        column = getattr(self.train_dataset, "column_names", None)
+        if not column or "input_ids" not in column:
+            raise ValueError("trainer.group_by_length=true needs a tokenised dataset with an input_ids column")
+        lengths = [len(ids) for ids in self.train_dataset["input_ids"]]
+        # Group at the micro-batch of all processes: accelerate deals consecutive
+        # micro-batches of this size out to the processes.
+        return lengths, self.per_device * self._num_processes
 
     def fit(self) -> dict:
         cfg, run_dir = self.config, Path(self.run_dir)
         accelerator = self._accelerator()
         is_main = accelerator.is_main_process
-        sampler = EpochShuffle(len(self.train_dataset), self.seed)
+        sampler = EpochShuffle(len(self.train_dataset), self.seed, *self._length_grouping())
         loader = DataLoader(self.train_dataset, batch_size=self.per_device, sampler=sampler, collate_fn=self.collate_fn, num_workers=cfg.num_workers)
         optimizer = torch.optim.AdamW(optimizer_groups(self.model, cfg.weight_decay), lr=cfg.lr)
         model, optimizer, loader = accelerator.prepare(self.model, optimizer, loader)
