@@ -251,7 +251,7 @@ def make_job(key: tuple, module: nn.Module, x: torch.Tensor, grad_out: torch.Ten
 def build_modules(base: nn.Linear, ns: list[int], rs: list[int], mode: str) -> dict[tuple, nn.Module]:
     """Every distinct module of a ``(d, T)`` group, keyed by job key."""
     modules: dict[tuple, nn.Module] = {("base",): base}
-    for rank in sorted({r for r in rs} | {n * r for n in ns for r in rs}):
+    for rank in sorted(set(rs) | {n * r for n in ns for r in rs}):
         modules[("peft", rank)] = peft_lora(base, rank)
     for n in ns:
         for r in rs:
@@ -330,8 +330,8 @@ class Table:
     def key(row: dict) -> tuple:
         return (row["device"], row["dtype"], row["d"], row["n"], row["r"], row["T"], row["variant"], row["mode"])
 
-    def get(self, config: tuple, variant: str, mode: str = "fwdbwd") -> float:
-        return self.ms[(*config, variant, mode)]
+    def get(self, config: tuple, variant: str, mode: str = "fwdbwd") -> float | None:
+        return self.ms.get((*config, variant, mode))
 
 
 def cfg_label(config: tuple) -> str:
@@ -368,7 +368,10 @@ def worst_of(values: list[tuple[float, tuple]], higher_is_better=False):
 
 
 def evaluate_targets(rows: list[dict], noise_tol: float, stat: str = "ms") -> list[dict]:
-    """PASS/FAIL per target from the medians (``stat="ms"``) or the fastest samples (``"min_ms"``)."""
+    """PASS/FAIL per target from the medians (``stat="ms"``) or the fastest samples (``"min_ms"``).
+
+    A target covers only the configs whose rows exist (filters, or a run still in progress).
+    """
     table = Table(rows, stat)
     t1, t2, t3, t5 = [], [], [], []
     t4: dict[tuple, tuple[float, tuple]] = {}
@@ -376,14 +379,17 @@ def evaluate_targets(rows: list[dict], noise_tol: float, stat: str = "ms") -> li
         _, _, d, n, r, T = config
         melora_ms = table.get(config, "melora")
         base_ms = table.get(config, "base")
+        merged = table.get(config, "melora_merged", "fwd")
+        if merged is not None:  # measured once per (d, T): one value per group
+            t4[config[:3] + config[5:]] = (merged / table.get(config, "base", "fwd"), config)
+        if melora_ms is None:
+            continue
         if n >= 2:
             t1.append((melora_ms / table.get(config, "peft_lora_nr"), config))
         if d == 4096:
             t2.append((melora_ms / table.get(config, "peft_lora_r"), config))
         if d == 4096 and T == 4096:
             t3.append((melora_ms / base_ms, config))
-        # merged is measured once per (d, T): one value per group.
-        t4[config[:3] + config[5:]] = (table.get(config, "melora_merged", "fwd") / table.get(config, "base", "fwd"), config)
         if d == 768 and n == 64:
             loop_extra = table.get(config, "mini_loop") - base_ms
             # Floor the denominator at 0.5 % of base: below that MELoRA's adapter cost is noise.
@@ -473,9 +479,12 @@ def group_table(rows: list[dict], mode: str) -> str:
     return out.getvalue()
 
 
-def render_markdown(rows: list[dict], targets: list[dict], args, wall_s: float) -> str:
+def render_markdown(rows: list[dict], targets: list[dict], args, wall_s: float, progress: tuple[int, int]) -> str:
     out = io.StringIO()
     out.write("# MELoRA layer benchmark\n\n")
+    done, total = progress
+    if done < total:
+        out.write(f"**Partial: {done} of {total} groups measured so far (or the run was interrupted).**\n\n")
     out.write(f"- Date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}\n")
     out.write(f"- CPU: {cpu_model()}; torch threads: {torch.get_num_threads()} (physical cores: {physical_cores()})\n")
     if any(row["device"] == "cuda" for row in rows):
@@ -487,10 +496,11 @@ def render_markdown(rows: list[dict], targets: list[dict], args, wall_s: float) 
     clock_text = "wall clock" if args.clock == "wall" else "process CPU time on one thread (`--clock cpu`)"
     out.write(f"- Clock: {clock_text}\n")
     out.write(f"- Command: `{' '.join(sys.argv)}`; wall time {wall_s / 60:.1f} min\n")
-    out.write(
-        f"- 1-minute load average at start / end: {args.load_start} / {load_average()} "
-        f"(above the thread count, other processes shared the cores and inflated the timings)\n"
-    )
+    loads = (args.load_start, load_average())
+    out.write(f"- 1-minute load average at start / end: {loads[0]} / {loads[1]}")
+    if any(load != "?" and float(load) > torch.get_num_threads() + 0.5 for load in loads):
+        out.write(" (above the thread count: other processes shared the cores and inflated the timings)")
+    out.write("\n")
     out.write(
         f"- Method: median of round-robin samples, about {args.budget:g} s of samples per module "
         f"(≥ {DEFAULT_MIN_REPS}, base ≥ {MIN_REPS['base']}, block_diag ≥ {MIN_REPS['block_diag']}, ≤ {args.max_reps}); "
@@ -534,6 +544,13 @@ def csv_text(rows: list[dict]) -> str:
 
 
 # ----------------------------------------------------------------------------- main
+
+
+def write_outputs(rows: list[dict], args, wall_s: float, progress: tuple[int, int]) -> list[dict]:
+    targets = with_fastest(evaluate_targets(rows, args.noise_tol), evaluate_targets(rows, args.noise_tol, "min_ms"))
+    write_atomic(args.out / "layer.csv", csv_text(rows))
+    write_atomic(args.out / "layer.md", render_markdown(rows, targets, args, wall_s, progress))
+    return targets
 
 
 def int_list(text: str) -> list[int]:
@@ -590,20 +607,17 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads or physical_cores())
     started = time.perf_counter()
     args.load_start = load_average()
+    groups = [(dev, d, T, mode) for dev in devices(args.device) for d in args.d for T in args.tokens for mode in ("fwd", "fwdbwd")]
     rows: list[dict] = []
-    for device in devices(args.device):
-        for d in args.d:
-            for T in args.tokens:
-                for mode in ("fwd", "fwdbwd"):
-                    t0 = time.perf_counter()
-                    jobs = measure_group(device, DTYPES[args.dtype], d, T, mode, args)
-                    rows += group_rows(device.type, args.dtype, d, T, mode, jobs, args)
-                    print(f"{device.type} d={d} T={T} {mode}: base {jobs[('base',)].ms:.2f} ms, "
-                          f"{len(jobs)} modules in {time.perf_counter() - t0:.0f} s", flush=True)  # fmt: skip
+    for done, (device, d, T, mode) in enumerate(groups, start=1):
+        t0 = time.perf_counter()
+        jobs = measure_group(device, DTYPES[args.dtype], d, T, mode, args)
+        rows += group_rows(device.type, args.dtype, d, T, mode, jobs, args)
+        print(f"{device.type} d={d} T={T} {mode}: base {jobs[('base',)].ms:.2f} ms, "
+              f"{len(jobs)} modules in {time.perf_counter() - t0:.0f} s", flush=True)  # fmt: skip
+        # Rewrite the outputs after every group: an interrupted run still leaves its measurements.
+        targets = write_outputs(rows, args, time.perf_counter() - started, progress=(done, len(groups)))
     wall_s = time.perf_counter() - started
-    targets = with_fastest(evaluate_targets(rows, args.noise_tol), evaluate_targets(rows, args.noise_tol, "min_ms"))
-    write_atomic(args.out / "layer.csv", csv_text(rows))
-    write_atomic(args.out / "layer.md", render_markdown(rows, targets, args, wall_s))
     for t in targets:
         print(f"{t['status']}: {t['name']}: {t['text']} [{t['fastest']}]")
     print(f"wrote {args.out / 'layer.csv'} and {args.out / 'layer.md'} in {wall_s / 60:.1f} min")

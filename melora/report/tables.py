@@ -199,6 +199,14 @@ def _span(values: list) -> str:
     return ", ".join(str(v) for v in values)
 
 
+def _run_time(records: list[dict]) -> str:
+    """The runs' summed wall time (what it costs to regenerate the table on this hardware)."""
+    times = [float(r["wall_time_s"]) for r in records if r.get("wall_time_s") is not None]
+    if not times:
+        return ""
+    return f"Run time: {sum(times) / 60:.0f} min summed over {len(times)} runs (median {sorted(times)[len(times) // 2] / 60:.1f} min per run)."
+
+
 def caption(records: list[dict], columns: list[Column], expected_seeds: int, metric_note: str, today: dt.date | None = None) -> str:
     """Model, profile, data sizes, seeds, hardware and dates of the runs behind a table."""
     if not records:
@@ -221,5 +229,6 @@ def caption(records: list[dict], columns: list[Column], expected_seeds: int, met
         metric_note,
         f"Hardware: {'; '.join(sorted({hardware(r) for r in records}))}.",
         f"Runs dated {when}; table generated {today.isoformat()} from {len(records)} run records.",
+        _run_time(records),
     ]
     return " ".join(p for p in parts if p)
