@@ -96,6 +96,18 @@ def expand(spec: dict, profile: str) -> list[RunSpec]:
     return runs
 
 
+def expand_specs(names: list[str], profile: str) -> list[RunSpec]:
+    """The runs of several specs, each distinct run once (in first-seen order)."""
+    runs, seen = [], set()
+    for name in names:
+        for run in expand(load_spec(name), profile):
+            key = (run.entry, frozenset(run.overrides))
+            if key not in seen:
+                seen.add(key)
+                runs.append(run)
+    return runs
+
+
 def compose_run(run: RunSpec, extra: list[str] | None = None):
     """The resolved config of ``run``, with ``run_dir`` set from the Hydra run dir pattern."""
     from hydra import compose, initialize_config_dir
@@ -208,7 +220,7 @@ def run_parallel(args, runs: list[RunSpec]) -> int:
     workers = []
     for k in range(jobs):
         share = todo[k::jobs]
-        log_path = log_dir / f"{Path(args.spec).stem}-{args.profile}-worker{k}.log"
+        log_path = log_dir / f"{'+'.join(Path(s).stem for s in args.spec.split(','))}-{args.profile}-worker{k}.log"
         command = [sys.executable, "-m", "melora.sweep", args.spec, "--profile", args.profile,
                    "--only", ",".join(map(str, share)), *([] if k == 0 else ["--no-base-eval"]), *args.overrides]  # fmt: skip
         env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
@@ -247,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
 
     parser = argparse.ArgumentParser(description="Run the runs an experiment spec needs (skipping complete ones).")
-    parser.add_argument("spec", help="experiments/<spec>.yaml name or a path")
+    parser.add_argument("spec", help="experiments/<spec>.yaml name or a path; several: comma-separated (table2,table4)")
     parser.add_argument("--profile", default="mini", help="paper | mini | smoke")
     parser.add_argument("--list", action="store_true", help="print the runs and exit")
     parser.add_argument("--jobs", type=int, default=1, help="worker processes sharing the runs (each gets cores/jobs threads)")
@@ -255,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-base-eval", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run (e.g. runs_root=…)")
     args = parser.parse_intermixed_args(argv)
-    runs = expand(load_spec(args.spec), args.profile)
+    runs = expand_specs(args.spec.split(","), args.profile)
     if args.list:
         for run in runs:
             print(run)

@@ -160,3 +160,13 @@ def test_instruct_runs_compose(name, tmp_path):
             cfg = compose_run(run, [f"runs_root={tmp_path}"])
             assert cfg.method.tag == method_tag(run) and cfg.profile.name == profile
             assert str(cfg.run_dir).startswith(f"{tmp_path}/{profile}/")
+
+
+def test_several_specs_share_their_common_runs():
+    from melora.sweep import expand_specs
+
+    both = expand_specs(["demo", "table2"], "mini")
+    assert len(runs("demo", "mini")) == 15 and len(runs("table2", "mini")) == 50
+    assert len(both) == 50  # every demo run is a Table 2 run
+    assert len({frozenset(r.overrides) for r in both}) == len(both)
+    assert both[:15] == runs("demo", "mini")  # first-seen order
