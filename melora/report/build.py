@@ -11,13 +11,16 @@ from melora.report.records import load_records
 from melora.report.render import to_markdown, write_table
 
 ARTIFACTS = ("table2", "table3", "table4", "table5", "figure3", "figure4", "figure5")
-EXTRAS = ("demo",)  # written only when asked for (``make demo``)
+EXTRAS = ("demo", "runs")  # written only when asked for (``make demo``; ``make results``: the records)
 
 
 def make_results(runs: str | Path, out: str | Path, only: list[str] | None = None, model: str | None = None,
                  profile: str | None = None, threshold: float = 0.1, log: Callable[[str], None] = print,
                  show: Callable[[str], None] | None = None) -> dict[str, list[Path]]:
     """Write ``<out>/tables/<table>.{md,csv,tex}`` and ``<out>/figures/<figure>.{png,pdf}``.
+
+    ``only=["runs"]`` exports the run records without weights to
+    ``<out>/runs/<runs folder name>`` (``melora.report.export``).
 
     An artifact with no records of its kind (e.g. Table 3 before any
     instruction-tuning run) is skipped with a message, not written empty.
@@ -36,6 +39,12 @@ def make_results(runs: str | Path, out: str | Path, only: list[str] | None = Non
     records = load_records(runs)
     written: dict[str, list[Path]] = {}
     for name in only or ARTIFACTS:
+        if name == "runs":  # the records without weights, e.g. results/runs/mini
+            from melora.report.export import export_runs
+
+            export_runs(runs, Path(out) / "runs" / Path(runs).name, log=log)
+            written[name] = [Path(out) / "runs" / Path(runs).name]
+            continue
         if name in TABLES:
             table = TABLES[name](records, model=model, profile=profile)
             if not any(c.n for r in table.rows for c in r.cells.values()) and not table.excluded:

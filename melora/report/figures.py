@@ -18,7 +18,7 @@ from matplotlib.ticker import FixedLocator, NullLocator
 
 from melora.report.paper import GLUE_LABELS, METRIC_NAMES, spec_tasks
 from melora.report.records import completed, lora_family, scope
-from melora.report.spectra import BaseModelFactory, has_adapter, mean_counts, run_spectra
+from melora.report.spectra import BaseModelFactory, has_spectra, mean_counts, run_spectra
 from melora.report.stats import Cell
 
 FIGURE3_BASELINE = "lora_r8"
@@ -132,7 +132,7 @@ def figure3(records: list[dict], tasks: list[str] | None = None, model: str | No
     """
     records, model, profile = scope(records, "glue", model, profile)
     tasks = _figure_tasks("figure3", records, profile, tasks)
-    usable = [r for r in records if completed(r) and r.get("task") in tasks and has_adapter(r)]
+    usable = [r for r in records if completed(r) and r.get("task") in tasks and has_spectra(r)]
     cache = {} if cache is None else cache
 
     def counts(task: str, tag: str) -> dict[str, dict[int, float]]:

@@ -2,11 +2,13 @@
 
 A run's best adapter (``<run_dir>/adapter``) is loaded into a fresh base model
 built from the run's own config, and ``melora.analysis.singular_values`` does
-the SVD (fp64, scaling included).
+the SVD (fp64, scaling included). A folder exported without weights
+(``melora.report.export``) holds the singular values instead, in ``spectra.json``.
 """
 
 from __future__ import annotations
 
+import json
 import re
 from collections import defaultdict
 from pathlib import Path
@@ -15,6 +17,7 @@ from typing import Callable
 from melora.analysis import LayerSpectrum
 
 BaseModelFactory = Callable[[dict], "object"]
+SPECTRA_FILE = "spectra.json"
 
 
 def glue_base_model(record: dict):
@@ -29,6 +32,22 @@ def glue_base_model(record: dict):
 
 def has_adapter(record: dict) -> bool:
     return (Path(record["run_dir"]) / "adapter").is_dir()
+
+
+def has_spectra(record: dict) -> bool:
+    """Whether ``run_spectra`` can answer: a saved adapter, or an exported ``spectra.json``."""
+    return has_adapter(record) or (Path(record["run_dir"]) / SPECTRA_FILE).is_file()
+
+
+def spectra_from_file(path: Path, threshold: float) -> dict[str, LayerSpectrum]:
+    import torch
+
+    layers = json.loads(Path(path).read_text())["layers"]
+    out = {}
+    for name, entry in layers.items():
+        values = torch.tensor(entry["singular_values"], dtype=torch.float64)
+        out[name] = LayerSpectrum(name, values, threshold, int((values > threshold).sum()), entry.get("nominal_rank"))
+    return out
 
 
 def run_spectra(record: dict, threshold: float = 0.1, base_model: BaseModelFactory | None = None) -> dict[str, LayerSpectrum]:
@@ -46,7 +65,10 @@ def run_spectra(record: dict, threshold: float = 0.1, base_model: BaseModelFacto
 
     adapter = Path(record["run_dir"]) / "adapter"
     if not adapter.is_dir():
-        raise FileNotFoundError(f"{record['run_dir']} has no adapter/ folder (the run saves its best adapter there)")
+        exported = Path(record["run_dir"]) / SPECTRA_FILE
+        if exported.is_file():
+            return spectra_from_file(exported, threshold)
+        raise FileNotFoundError(f"{record['run_dir']} has no adapter/ folder (the run saves its best adapter there) and no {SPECTRA_FILE}")
     model = load_adapter((base_model or glue_base_model)(record), adapter)
     # SVDs of attention-sized matrices gain nothing from threads, and on shared cores
     # OpenMP's spin-waiting makes them ~100x slower (seconds per 384x384 matrix).

@@ -1,0 +1,54 @@
+"""A runs folder without its weights: what ``results/runs/<profile>/`` commits.
+
+For every run: ``record.json``, ``config.yaml`` and (instruct runs)
+``eval_record.json`` are copied under the same relative path, and a GLUE run's
+best adapter is reduced to ``spectra.json``, the singular values of every
+adapted layer's ``ΔW`` (what Figure 3 and ``notebooks/singular_values.ipynb``
+need). ``load_records`` and ``run_spectra`` read such a folder like a runs folder.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Callable
+
+from melora.report.records import EVAL_RECORD, load_records
+from melora.report.spectra import SPECTRA_FILE, has_adapter, run_spectra
+from melora.train.records import RECORD_FILE, atomic_write_json
+
+COPIED = (RECORD_FILE, "config.yaml", EVAL_RECORD)
+
+
+def spectra_json(record: dict) -> dict:
+    """``{"layers": {path: {"singular_values": [...], "nominal_rank": k}}}`` of the run's adapter (fp64 SVD)."""
+    spectra = run_spectra(record)
+    return {
+        "source": "fp64 singular values of ΔW (scaling included) of the run's best adapter; melora.analysis.singular_values",
+        "layers": {name: {"singular_values": sp.singular_values.tolist(), "nominal_rank": sp.nominal_rank} for name, sp in spectra.items()},
+    }
+
+
+def export_runs(runs: str | Path, out: str | Path, log: Callable[[str], None] = print) -> int:
+    """Copy the records of every run under ``runs`` to ``out`` (same layout); returns the run count.
+
+    Runs already exported with an unchanged record are left alone, so a rerun
+    after a few new runs only computes their spectra.
+    """
+    runs, out = Path(runs), Path(out)
+    count = 0
+    for record in load_records(runs):
+        source = Path(record["run_dir"])
+        target = out / source.relative_to(runs)
+        unchanged = (target / RECORD_FILE).is_file() and (target / RECORD_FILE).read_bytes() == (source / RECORD_FILE).read_bytes()
+        target.mkdir(parents=True, exist_ok=True)
+        for name in COPIED:
+            if (source / name).is_file():
+                shutil.copyfile(source / name, target / name)
+        if record.get("kind") == "glue" and has_adapter(record) and not (unchanged and (target / SPECTRA_FILE).is_file()):
+            atomic_write_json(target / SPECTRA_FILE, spectra_json(record))
+        count += 1
+    log(f"exported {count} run records to {out}")
+    return count
+
