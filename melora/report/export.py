@@ -1,8 +1,8 @@
 """A runs folder without its weights: what ``results/runs/<profile>/`` commits.
 
 For every run: ``record.json``, ``config.yaml`` and (instruct runs)
-``eval_record.json`` are copied under the same relative path, and a GLUE run's
-best adapter is reduced to ``spectra.json``, the singular values of every
+``eval_record.json`` are copied under the same relative path, and the best
+adapter of a GLUE LoRA or MELoRA run is reduced to ``spectra.json``, the singular values of every
 adapted layer's ``ΔW`` (what Figure 3 and ``notebooks/singular_values.ipynb``
 need). ``load_records`` and ``run_spectra`` read such a folder like a runs folder.
 """
@@ -14,11 +14,14 @@ import shutil
 from pathlib import Path
 from typing import Callable
 
-from melora.report.records import EVAL_RECORD, load_records
+from melora.report.records import EVAL_RECORD, load_records, setting_of
 from melora.report.spectra import SPECTRA_FILE, has_adapter, run_spectra
 from melora.train.records import RECORD_FILE, atomic_write_json
 
 COPIED = (RECORD_FILE, "config.yaml", EVAL_RECORD)
+# Figure 3's methods: their adapter's ΔW is the whole update (Delta-LoRA also moves W;
+# AdaLoRA's PEFT layers are not melora layers).
+SPECTRA_METHODS = ("lora", "melora")
 
 
 def spectra_json(record: dict) -> dict:
@@ -46,7 +49,8 @@ def export_runs(runs: str | Path, out: str | Path, log: Callable[[str], None] = 
         for name in COPIED:
             if (source / name).is_file():
                 shutil.copyfile(source / name, target / name)
-        if record.get("kind") == "glue" and has_adapter(record) and not (unchanged and (target / SPECTRA_FILE).is_file()):
+        wants_spectra = record.get("kind") == "glue" and setting_of(record).method in SPECTRA_METHODS and has_adapter(record)
+        if wants_spectra and not (unchanged and (target / SPECTRA_FILE).is_file()):
             atomic_write_json(target / SPECTRA_FILE, spectra_json(record))
         count += 1
     log(f"exported {count} run records to {out}")
