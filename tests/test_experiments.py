@@ -20,7 +20,7 @@ GLUE_DIRS = {"sst2": "SST-2", "mrpc": "MRPC", "cola": "CoLA", "stsb": "STS-B", "
 
 # tasks × settings × seeds
 COUNTS = {
-    "table2": {"paper": 8 * 10 * 5, "mini": 5 * 10, "smoke": 2 * 10},
+    "table2": {"paper": 8 * 10 * 5, "mini": 4 * 10, "smoke": 2 * 10},
     "table3": {"paper": 10 * 5, "mini": 4, "smoke": 2},
     "table4": {"paper": 8 * 6 * 5, "mini": 3 * 6, "smoke": 6},
     "table5": {"paper": 6 * 5, "mini": 6, "smoke": 2},
@@ -166,7 +166,7 @@ def test_several_specs_share_their_common_runs():
     from melora.sweep import expand_specs
 
     both = expand_specs(["demo", "table2"], "mini")
-    assert len(runs("demo", "mini")) == 15 and len(runs("table2", "mini")) == 50
-    assert len(both) == 50  # every demo run is a Table 2 run
+    assert len(runs("demo", "mini")) == 15 and len(runs("table2", "mini")) == 40
+    assert len(both) == 43  # every demo run but RTE's three is a Table 2 run
     assert len({frozenset(r.overrides) for r in both}) == len(both)
     assert both[:15] == runs("demo", "mini")  # first-seen order
