@@ -56,7 +56,8 @@ JOBS ?= $(if $(filter paper,$(PROFILE)),1,$(MINI_JOBS))
 SWEEP := $(PY) -m melora.sweep --jobs $(JOBS)
 # mini and paper results go to results/ (the committed mini ones are the README's); smoke to results/smoke/.
 RESULTS_DIR ?= $(if $(filter smoke,$(PROFILE)),results/smoke,results)
-RESULTS := $(PY) scripts/make_results.py --runs $(RUNS)/$(PROFILE) --out $(RESULTS_DIR)
+# MODEL=<name>: when the runs folder holds runs of several models, the one to tabulate.
+RESULTS := $(PY) scripts/make_results.py --runs $(RUNS)/$(PROFILE) --out $(RESULTS_DIR) $(if $(MODEL),--model $(MODEL))
 
 .PHONY: demo
 demo: $(VENV)/.installed ## The embedded default: mini Table 2 offline (MiniLM, local GLUE, 1 seed), then print it

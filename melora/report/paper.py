@@ -149,7 +149,7 @@ def table2(records: list[dict], model: str | None = None, profile: str | None = 
     ]
     title = f"Table 2: GLUE dev results, {model or 'no runs'} (paper: RoBERTa-base)"
     return _finish("table2", title, columns, specs, records, _metric_note(records, tasks),
-                   ["Params: trainable adapter parameters (the classifier head, trained in full by every method, is not counted)."])
+                   ["Params: trainable adapter parameters (the task head, trained in full by every method, is not counted: the classifier, and for BERT-style models such as MiniLM the pooler)."])
 
 
 def table4(records: list[dict], model: str | None = None, profile: str | None = None) -> Table:
