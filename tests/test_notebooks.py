@@ -111,7 +111,11 @@ def test_exported_runs_hold_spectra_not_weights(smoke_runs, tmp_path, monkeypatc
         from_file = run_spectra(exported, threshold=0.01)
         assert sorted(direct) == sorted(from_file)
         for name, sp in direct.items():
-            assert torch.equal(sp.singular_values, from_file[name].singular_values)
+            stored = from_file[name].singular_values
+            # The nonzero part, to 7 digits: ΔW's rank is at most n·r, the rest is round-off.
+            assert len(stored) <= sp.nominal_rank
+            assert torch.allclose(stored, sp.singular_values[: len(stored)], rtol=1e-6, atol=0)
+            assert (sp.singular_values[len(stored):] <= 1e-10).all()
             assert sp.count_above == from_file[name].count_above and sp.nominal_rank == from_file[name].nominal_rank
     text = execute("singular_values", out, monkeypatch)
     assert "2 completed GLUE runs with a saved adapter or exported spectra" in text and text.count("<png>") == 3

@@ -24,12 +24,22 @@ COPIED = (RECORD_FILE, "config.yaml", EVAL_RECORD)
 SPECTRA_METHODS = ("lora", "melora")
 
 
+# Singular values at or below this are the SVD's round-off (ΔW has rank ≤ n·r): not stored.
+ZERO = 1e-10
+
+
 def spectra_json(record: dict) -> dict:
-    """``{"layers": {path: {"singular_values": [...], "nominal_rank": k}}}`` of the run's adapter (fp64 SVD)."""
+    """``{"layers": {path: {"singular_values": [...], "nominal_rank": k}}}`` of the run's adapter.
+
+    The fp64 singular values above ``ZERO``, largest first, to 7 significant digits.
+    """
     spectra = run_spectra(record)
     return {
-        "source": "fp64 singular values of ΔW (scaling included) of the run's best adapter; melora.analysis.singular_values",
-        "layers": {name: {"singular_values": sp.singular_values.tolist(), "nominal_rank": sp.nominal_rank} for name, sp in spectra.items()},
+        "source": f"fp64 singular values > {ZERO:g} of ΔW (scaling included) of the run's best adapter; melora.analysis.singular_values",
+        "layers": {
+            name: {"singular_values": [float(f"{v:.7g}") for v in sp.singular_values.tolist() if v > ZERO], "nominal_rank": sp.nominal_rank}
+            for name, sp in spectra.items()
+        },
     }
 
 
