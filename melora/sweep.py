@@ -168,14 +168,11 @@ def run_all(
     ``evaluate_base``: evaluate the base model before the first instruct run
     (one worker of a parallel sweep does it).
     """
-    from melora.train.records import read_record
-
     outcome: dict[str, list[str]] = {"skipped": [], "completed": [], "failed": []}
     base_evaluated = not evaluate_base
     for i, run in enumerate(runs, 1):
         cfg = compose_run(run, extra)
-        record = read_record(cfg.run_dir)
-        if record is not None and record.get("status") == "completed":
+        if run_completed(cfg.run_dir):
             if run.entry == "instruct":  # a finished training may still lack its evaluation
                 evaluate_run(cfg, adapter_dir=cfg.run_dir)
             outcome["skipped"].append(cfg.run_dir)
@@ -196,21 +193,20 @@ def run_all(
     return outcome
 
 
-def pending(runs: list[RunSpec], extra: list[str] | None = None) -> list[int]:
-    """Indices of the runs without a completed record (instruct runs: or without their evaluation)."""
-    from melora.train.records import read_record
-
-    todo = []
+def pending(runs: list[RunSpec], extra: list[str] | None = None) -> dict[int, str]:
+    """Index → run folder of the runs without a completed record (instruct runs: or without their evaluation)."""
+    todo = {}
     for i, run in enumerate(runs):
-        record = read_record(compose_run(run, extra).run_dir)
-        if record is None or record.get("status") != "completed" or run.entry == "instruct":
-            todo.append(i)
+        run_dir = compose_run(run, extra).run_dir
+        if run.entry == "instruct" or not run_completed(run_dir):
+            todo[i] = run_dir
     return todo
 
 
 def run_parallel(args, runs: list[RunSpec]) -> int:
     """Share the missing runs among ``args.jobs`` worker processes; returns the exit status."""
-    todo = pending(runs, args.overrides)
+    dirs = pending(runs, args.overrides)
+    todo = list(dirs)
     jobs = min(args.jobs, len(todo))
     if jobs <= 1:
         return report(run_all([runs[i] for i in todo], args.overrides))
@@ -227,11 +223,10 @@ def run_parallel(args, runs: list[RunSpec]) -> int:
         with open(log_path, "w") as log_file:
             workers.append(subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=env))
         print(f"worker {k}: {len(share)} runs, {threads} thread(s), log {log_path}", flush=True)
-    dirs = [compose_run(runs[i], args.overrides).run_dir for i in todo]
     done_before, start = -1, time.time()
     while any(w.poll() is None for w in workers):
         time.sleep(10)
-        done = sum(run_completed(d) for d in dirs)
+        done = sum(run_completed(d) for d in dirs.values())
         if done != done_before:
             print(f"[{time.time() - start:6.0f} s] {done}/{len(dirs)} runs completed", flush=True)
             done_before = done
@@ -242,6 +237,7 @@ def run_parallel(args, runs: list[RunSpec]) -> int:
 
 
 def run_completed(run_dir: str) -> bool:
+    """Whether ``run_dir`` holds a record of a finished training."""
     from melora.train.records import read_record
 
     record = read_record(run_dir)

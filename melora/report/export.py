@@ -22,8 +22,6 @@ COPIED = (RECORD_FILE, "config.yaml", EVAL_RECORD)
 # Figure 3's methods: their adapter's ΔW is the whole update (Delta-LoRA also moves W;
 # AdaLoRA's PEFT layers are not melora layers).
 SPECTRA_METHODS = ("lora", "melora")
-
-
 # Singular values at or below this are the SVD's round-off (ΔW has rank ≤ n·r): not stored.
 ZERO = 1e-10
 
@@ -65,4 +63,3 @@ def export_runs(runs: str | Path, out: str | Path, log: Callable[[str], None] = 
         count += 1
     log(f"exported {count} run records to {out}")
     return count
-

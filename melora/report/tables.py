@@ -17,6 +17,7 @@ under the table with their status and error.
 from __future__ import annotations
 
 import datetime as dt
+import statistics
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Callable
@@ -204,7 +205,7 @@ def _run_time(records: list[dict]) -> str:
     times = [float(r["wall_time_s"]) for r in records if r.get("wall_time_s") is not None]
     if not times:
         return ""
-    return f"Run time: {sum(times) / 60:.0f} min summed over {len(times)} runs (median {sorted(times)[len(times) // 2] / 60:.1f} min per run)."
+    return f"Run time: {sum(times) / 60:.0f} min summed over {len(times)} runs (median {statistics.median_high(times) / 60:.1f} min per run)."
 
 
 def caption(records: list[dict], columns: list[Column], expected_seeds: int, metric_note: str, today: dt.date | None = None) -> str:
