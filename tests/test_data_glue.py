@@ -432,3 +432,12 @@ def test_tokenize_glue_cache_key_depends_on_data(tmp_path, tokenizer):
     out = tokenize_glue(load_glue("qnli", data_dir=root), tokenizer, "qnli", max_length=16, cache_dir=tmp_path / "c")
     assert out["train"]["labels"] == [1]
     assert len(list((tmp_path / "c").glob("glue-qnli-train-*.arrow"))) == 2
+
+
+def test_unreachable_hub_names_the_offline_fix(no_env, monkeypatch):
+    def offline(*args, **kwargs):
+        raise ConnectionError("Couldn't reach 'nyu-mll/glue' on the Hub (LocalEntryNotFoundError)")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(ConnectionError, match=r"nyu-mll/glue/rte is not on disk.*set MELORA_DATA_DIR"):
+        load_glue("rte")

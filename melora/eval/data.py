@@ -135,7 +135,14 @@ def _load_hub(*args: Any, **kwargs: Any) -> Any:
     # Looked up at call time so that tests can monkeypatch `datasets.load_dataset`.
     import datasets
 
-    return datasets.load_dataset(*args, **kwargs)
+    try:
+        return datasets.load_dataset(*args, **kwargs)
+    except ConnectionError as err:
+        raise ConnectionError(
+            f"{args[0]} is not on disk and the Hugging Face hub cannot be reached ({err}). "
+            f"To evaluate offline, set {ENV_DATA_DIR} (or data_dir=...) to a folder holding "
+            "mmlu/ bbh/ drop/ humaneval/, e.g. ../shared/data; the Makefile sets it."
+        ) from err
 
 
 # --------------------------------------------------------------------------- MMLU
