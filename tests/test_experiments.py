@@ -25,8 +25,8 @@ COUNTS = {
     "table4": {"paper": 8 * 6 * 5, "mini": 3 * 6, "smoke": 6},
     "table5": {"paper": 6 * 5, "mini": 6, "smoke": 2},
     "figure3": {"paper": 7 * 5, "mini": 7, "smoke": 7},
-    "figure4": {"paper": 4 * 10 * 5, "mini": 10, "smoke": 10},
-    "figure5": {"paper": 4 * 10 * 5, "mini": 10, "smoke": 10},
+    "figure4": {"paper": 4 * 10 * 5, "mini": 3 * 10, "smoke": 10},
+    "figure5": {"paper": 4 * 10 * 5, "mini": 3 * 10, "smoke": 10},
 }
 
 
