@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from melora.report.paper import NOT_AVAILABLE, table2, table3, table4
+from melora.report.paper import NOT_AVAILABLE, table2, table3, table4, table5
 from melora.report.records import load_records
 from melora.report.render import to_csv, to_latex, to_markdown, write_table
 
@@ -170,7 +170,8 @@ def instruct_runs(root: Path) -> list[dict]:
                 "results": {"mmlu": {"n_examples": 570}, "bbh": {"n_examples": 270}, "drop": {"n_examples": 100}, "humaneval": {"n_examples": 164}}}
 
     for tag, (loss, *values) in scores.items():
-        fake_record(root, "alpaca", tag, 0, loss, kind="instruct", train_size=50_000, eval_sizes={"validation": 2000})
+        fake_record(root, "alpaca", tag, 0, loss, kind="instruct", train_size=50_000, eval_sizes={"validation": 2000},
+                    dev_loss_at_start=2.5, wall_time_s=300.0)
         status = "running" if tag == "melora_n16_r1" else "completed"
         folder = root / "unit" / "instructeval" / "minilm" / f"{tag}-seed0"
         if tag == "lora_r8":  # an evaluation written into the training run's own folder
@@ -197,3 +198,45 @@ def test_table3_best_by_dev_loss_and_benchmarks(tmp_path):
     assert [e.split(" [")[0] for e in table.excluded] == [
         f"alpaca/minilm/melora_n16_r1/seed0: completed, but has no MMLU, BBH, DROP, HumanEval value {note}"]
     assert "Alpaca train 50000, dev 2000" in table.caption and "MMLU 570 test examples" in table.caption
+
+
+def add_base_evaluations(root: Path) -> None:
+    """The base model's INSTRUCTEVAL as the sweep writes it (no adapter), plus an older one it supersedes."""
+    for name, scores, finished in (("base", (0.2, 0.1, 0.1, 0.0), 5.0), ("base-old", (0.9, 0.9, 0.9, 0.9), 1.0)):
+        folder = root / "unit" / "instructeval" / "minilm" / name
+        folder.mkdir(parents=True)
+        (folder / "eval_record.json").write_text(json.dumps({
+            "kind": "instructeval", "status": "completed", "profile": "unit", "model": "minilm", "adapter": None,
+            "finished_at": finished, "wall_time_s": 120.0, "device": {"cpu": "Test CPU", "cpu_count": 2, "torch_threads": 1},
+            "scores": dict(zip(("mmlu", "bbh", "drop", "humaneval"), scores)),
+            "results": {"mmlu": {"n_examples": 570}, "bbh": {"n_examples": 270}, "drop": {"n_examples": 100}, "humaneval": {"n_examples": 164}}}))
+        (folder / "config.yaml").write_text("adapter_dir: null\n")
+
+
+def test_base_model_row_in_tables_3_and_5(tmp_path):
+    instruct_runs(tmp_path)
+    add_base_evaluations(tmp_path)
+    records = load_records(tmp_path)
+    base = [r for r in records if r["method_tag"] == "base"]
+    assert len(base) == 1 and base[0]["seed"] is None and base[0]["best_metric"] == 2.5  # the training runs' start loss
+    for table in (table3(records), table5(records)):
+        assert table.rows[0].spec.label == "Base model (no adapter)"
+        line = next(l for l in to_markdown(table).splitlines() if "| Base model (no adapter) |" in l)
+        # params 0; scores ×100 of the newest base evaluation; dev loss before training; avg of the four.
+        assert [c.strip() for c in line.strip("|").split("|")][-8:-1] == ["0", "20.0", "10.0", "10.0", "0.0", "2.500", "10.0"]
+        assert "Base model: the pretrained model without adapter" in to_markdown(table)
+    # Training and evaluation time: 4 × 300 s of training, 3 finished evaluations of trained runs (lora_r64's
+    # newest, finished_at 2.0, has no wall time) and the base's 120 s.
+    assert "Run time (training and evaluation): 22 min summed over 5 runs" in table3(records).caption
+
+
+def test_export_keeps_evaluations_and_the_base_model(tmp_path):
+    from melora.report.export import export_runs
+
+    runs = tmp_path / "runs"
+    instruct_runs(runs)
+    add_base_evaluations(runs)
+    assert export_runs(runs, tmp_path / "out", log=lambda message: None) == 4
+    exported = {p.relative_to(tmp_path / "out").as_posix() for p in (tmp_path / "out").rglob("eval_record.json")}
+    assert "unit/instructeval/minilm/base/eval_record.json" in exported and "unit/instructeval/minilm/melora_n8_r1-seed0/eval_record.json" in exported
+    assert rows_of(to_markdown(table3(load_records(tmp_path / "out")))) == rows_of(to_markdown(table3(load_records(runs))))

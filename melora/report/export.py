@@ -1,7 +1,8 @@
 """A runs folder without its weights: what ``results/runs/<profile>/`` commits.
 
 For every run: ``record.json``, ``config.yaml`` and (instruct runs)
-``eval_record.json`` are copied under the same relative path, and the best
+``eval_record.json`` are copied under the same relative path, as are the
+INSTRUCTEVAL folders (``eval_record.json``, ``config.yaml``), and the best
 adapter of a GLUE LoRA or MELoRA run is reduced to ``spectra.json``, the singular values of every
 adapted layer's ``ΔW`` (what Figure 3 and ``notebooks/singular_values.ipynb``
 need). ``load_records`` and ``run_spectra`` read such a folder like a runs folder.
@@ -51,6 +52,8 @@ def export_runs(runs: str | Path, out: str | Path, log: Callable[[str], None] = 
     count = 0
     for record in load_records(runs):
         source = Path(record["run_dir"])
+        if not (source / RECORD_FILE).is_file():  # a base model's evaluation: copied below
+            continue
         target = out / source.relative_to(runs)
         unchanged = (target / RECORD_FILE).is_file() and (target / RECORD_FILE).read_bytes() == (source / RECORD_FILE).read_bytes()
         target.mkdir(parents=True, exist_ok=True)
@@ -61,5 +64,17 @@ def export_runs(runs: str | Path, out: str | Path, log: Callable[[str], None] = 
         if wants_spectra and not (unchanged and (target / SPECTRA_FILE).is_file()):
             atomic_write_json(target / SPECTRA_FILE, spectra_json(record))
         count += 1
-    log(f"exported {count} run records to {out}")
+    # INSTRUCTEVAL results in their own folders (<profile>/instructeval/<model>/<name>/),
+    # base models' included: load_records links them to the training records again.
+    evaluations = 0
+    for path in sorted(runs.rglob(EVAL_RECORD)):
+        if (path.parent / RECORD_FILE).is_file():
+            continue  # in a training run's folder: copied above
+        target = out / path.parent.relative_to(runs)
+        target.mkdir(parents=True, exist_ok=True)
+        for name in COPIED:
+            if (path.parent / name).is_file():
+                shutil.copyfile(path.parent / name, target / name)
+        evaluations += 1
+    log(f"exported {count} run records" + (f" and {evaluations} evaluations" if evaluations else "") + f" to {out}")
     return count

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from melora.report.records import lookup, scope
+from melora.report.records import BASE_TAG, lookup, scope
 from melora.report.tables import Column, RowSpec, Table, build_rows, caption
 
 NOT_AVAILABLE = "n/a (not available offline; see MELORA.md)"
@@ -172,6 +172,12 @@ def _instruct_note() -> str:
             "held-out Alpaca samples. Cells: mean ± sample std over seeds; '[k/K]': only k of K seeds evaluated; '—': no run.")
 
 
+# The reference row of Tables 3 and 5: the model before instruction tuning.
+BASE_ROW = RowSpec("Base model (no adapter)", (BASE_TAG,))
+BASE_NOTE = ("Base model: the pretrained model without adapter, evaluated the same way; its dev loss is the one "
+             "each training run measured before its first step.")
+
+
 def instruct_columns() -> list[Column]:
     return [benchmark_column(b) for b in BENCHMARKS] + [DEV_LOSS]
 
@@ -183,6 +189,7 @@ def table3(records: list[dict], model: str | None = None, profile: str | None = 
     lora_tags = tuple(f"lora_r{r}" for r in lora_r)
     melora_tags = tuple(f"melora_n{n}_r1" for n in melora_n)
     specs = [
+        BASE_ROW,
         RowSpec("LoRA (best r by dev loss)", lora_tags, pick="overall", by=DEV_LOSS, pick_names={t: f"r={r}" for t, r in zip(lora_tags, lora_r)}),
         RowSpec("MELoRA r=1 (best n by dev loss)", melora_tags, pick="overall", by=DEV_LOSS, pick_names={t: f"n={n}" for t, n in zip(melora_tags, melora_n)}),
         *[RowSpec(f"LoRA r={r}", (t,)) for r, t in zip(lora_r, lora_tags)],
@@ -190,19 +197,21 @@ def table3(records: list[dict], model: str | None = None, profile: str | None = 
     ]
     title = f"Table 3: INSTRUCTEVAL after Alpaca instruction tuning, {model or 'no runs'} (paper: LLaMA-2-7B)"
     return _finish("table3", title, instruct_columns(), specs, records, _instruct_note(),
-                   ["Avg: mean of the four benchmarks. The best setting of a method is chosen by mean dev loss, never by test scores."])
+                   ["Avg: mean of the four benchmarks. The best setting of a method is chosen by mean dev loss, never by test scores.",
+                    BASE_NOTE])
 
 
 def table5(records: list[dict], model: str | None = None, profile: str | None = None) -> Table:
     """Table 5: INSTRUCTEVAL at equivalent ranks 16, 32, 64; LoRA r=R against MELoRA n=2, r=R/2."""
     records, model, profile = scope(records, "instruct", model, profile)
-    specs = []
+    specs = [BASE_ROW]
     for rank in (16, 32, 64):
         specs += [RowSpec(f"LoRA r={rank}", (f"lora_r{rank}",), group=f"R={rank}"),
                   RowSpec(f"MELoRA n=2 r={rank // 2}", (f"melora_n2_r{rank // 2}",), group=f"R={rank}")]
     title = f"Table 5: INSTRUCTEVAL at equivalent rank R, {model or 'no runs'} (paper: LLaMA-2-7B)"
     return _finish("table5", title, instruct_columns(), specs, records, _instruct_note(),
-                   ["R: equivalent rank n·r; MELoRA n=2, r=R/2 (Table 4's design: MELORA.md does not give the paper's setting)."])
+                   ["R: equivalent rank n·r; MELoRA n=2, r=R/2 (Table 4's design: MELORA.md does not give the paper's setting).",
+                    BASE_NOTE])
 
 
 def demo(records: list[dict], model: str | None = None, profile: str | None = None) -> Table:

@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
 from melora.train.records import iter_records
 
 EVAL_RECORD = "eval_record.json"
+BASE_TAG = "base"  # method_tag of a base model's evaluation (no adapter)
 
 
 def load_records(root: str | Path, eval_file: str = EVAL_RECORD) -> list[dict]:
@@ -35,12 +37,20 @@ def attach_evaluations(records: list[dict], root: Path, eval_file: str = EVAL_RE
     """Set ``record["eval"]`` of each instruct training record to its latest completed evaluation.
 
     An unfinished evaluation is not used; the record gets ``eval_note`` saying where it is.
+    A completed evaluation of a base model (no adapter) is appended to ``records``
+    as a ``base_model_record``: the reference row of Tables 3 and 5.
     """
     instruct = [r for r in records if r.get("kind") == "instruct"]
     by_dir = {Path(r["run_dir"]).resolve(): r for r in instruct}
     by_run = {(r.get("profile"), r.get("model"), r.get("method_tag"), r.get("seed")): r for r in instruct}
+    bases: dict[tuple, dict] = {}
     for path in sorted(root.rglob(eval_file)):
         evaluation = json.loads(path.read_text())
+        if evaluation.get("kind") == "instructeval" and evaluation.get("adapter") is None:
+            key = (evaluation.get("profile"), evaluation.get("model"))
+            if evaluation.get("status") == "completed" and evaluation.get("finished_at", 0) >= bases.get(key, {}).get("finished_at", 0):
+                bases[key] = evaluation | {"run_dir": str(path.parent)}
+            continue
         training = (evaluation.get("adapter") or {}).get("training") or {}
         target = by_dir.get(path.parent.resolve()) or by_run.get(
             (training.get("profile"), evaluation.get("model"), training.get("method_tag"), training.get("seed")))
@@ -53,6 +63,37 @@ def attach_evaluations(records: list[dict], root: Path, eval_file: str = EVAL_RE
         previous = target.get("eval")
         if previous is None or evaluation.get("finished_at", 0) >= previous.get("finished_at", 0):
             target["eval"] = evaluation
+    records.extend(base_model_record(evaluation, instruct) for evaluation in bases.values())
+
+
+def base_model_record(evaluation: dict, training_records: list[dict]) -> dict:
+    """A record for the base model without adapter, shaped like an instruct training record.
+
+    Its benchmark scores are ``evaluation``'s; its dev loss is the one every
+    training run of the same profile and model measured before its first step
+    (``dev_loss_at_start``: ``B = 0``, so the model is the base model). Zero
+    trainable parameters, no seed.
+    """
+    profile, model = evaluation.get("profile"), evaluation.get("model")
+    start = [r["dev_loss_at_start"] for r in training_records
+             if (r.get("profile"), r.get("model")) == (profile, model) and r.get("dev_loss_at_start") is not None]
+    return {
+        "name": f"{model}/{BASE_TAG}",
+        "kind": "instruct",
+        "status": "completed",
+        "profile": profile,
+        "model": model,
+        "model_name_or_path": evaluation.get("model_name_or_path"),
+        "method_tag": BASE_TAG,
+        "method_config": {"method": BASE_TAG},
+        "seed": None,
+        "adapter_params": 0,
+        "best_metric": statistics.median(start) if start else None,
+        "eval": evaluation,
+        "run_dir": evaluation["run_dir"],
+        "device": evaluation.get("device"),
+        "started_at": evaluation.get("started_at"),
+    }
 
 
 @dataclass(frozen=True)

@@ -200,12 +200,20 @@ def _span(values: list) -> str:
     return ", ".join(str(v) for v in values)
 
 
+def _wall_time(record: dict) -> float | None:
+    """Training plus evaluation wall time of a record (instruct runs: their INSTRUCTEVAL too)."""
+    parts = [p for p in (record.get("wall_time_s"), (record.get("eval") or {}).get("wall_time_s")) if p is not None]
+    return float(sum(parts)) if parts else None
+
+
 def _run_time(records: list[dict]) -> str:
     """The runs' summed wall time (what it costs to regenerate the table on this hardware)."""
-    times = [float(r["wall_time_s"]) for r in records if r.get("wall_time_s") is not None]
+    times = [t for r in records if (t := _wall_time(r)) is not None]
     if not times:
         return ""
-    return f"Run time: {sum(times) / 60:.0f} min summed over {len(times)} runs (median {statistics.median_high(times) / 60:.1f} min per run)."
+    evaluated = " (training and evaluation)" if any(r.get("eval") for r in records) else ""
+    return (f"Run time{evaluated}: {sum(times) / 60:.0f} min summed over {len(times)} runs "
+            f"(median {statistics.median_high(times) / 60:.1f} min per run).")
 
 
 def caption(records: list[dict], columns: list[Column], expected_seeds: int, metric_note: str, today: dt.date | None = None) -> str:
