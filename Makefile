@@ -65,12 +65,12 @@ demo: $(VENV)/.installed ## The embedded default: mini Table 2 offline (MiniLM, 
 	$(PY) scripts/make_results.py --runs $(RUNS)/mini --out results/demo --only demo --print
 
 .PHONY: reproduce-glue
-reproduce-glue: $(VENV)/.installed ## Table 2's runs (PROFILE=paper: roberta-base, 5 seeds, all baselines; mini: offline)
-	$(SWEEP) table2 --profile $(PROFILE) runs_root=$(RUNS)
+reproduce-glue: $(VENV)/.installed ## Every GLUE run: Tables 2, 4, Figures 3-5 (PROFILE=paper: roberta-base, 5 seeds; mini: offline)
+	$(SWEEP) table2,table4,figure3,figure4,figure5 --profile $(PROFILE) runs_root=$(RUNS)
 
 .PHONY: reproduce-instruct
-reproduce-instruct: $(VENV)/.installed ## Table 3's runs (PROFILE=paper: LLaMA-2-7B on Alpaca; mini: SmolLM2 offline)
-	$(SWEEP) table3 --profile $(PROFILE) runs_root=$(RUNS)
+reproduce-instruct: $(VENV)/.installed ## Every instruct run + INSTRUCTEVAL: Tables 3, 5 (PROFILE=paper: LLaMA-2-7B; mini: SmolLM2 offline)
+	$(SWEEP) table3,table5 --profile $(PROFILE) runs_root=$(RUNS)
 
 TABLES := table2 table3 table4 table5
 FIGURES := figure3 figure4 figure5
