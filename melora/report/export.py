@@ -42,6 +42,14 @@ def spectra_json(record: dict) -> dict:
     }
 
 
+def _copy_files(source: Path, target: Path) -> None:
+    """Copy the ``COPIED`` files that ``source`` holds into ``target`` (created)."""
+    target.mkdir(parents=True, exist_ok=True)
+    for name in COPIED:
+        if (source / name).is_file():
+            shutil.copyfile(source / name, target / name)
+
+
 def export_runs(runs: str | Path, out: str | Path, log: Callable[[str], None] = print) -> int:
     """Copy the records of every run under ``runs`` to ``out`` (same layout); returns the run count.
 
@@ -56,10 +64,7 @@ def export_runs(runs: str | Path, out: str | Path, log: Callable[[str], None] = 
             continue
         target = out / source.relative_to(runs)
         unchanged = (target / RECORD_FILE).is_file() and (target / RECORD_FILE).read_bytes() == (source / RECORD_FILE).read_bytes()
-        target.mkdir(parents=True, exist_ok=True)
-        for name in COPIED:
-            if (source / name).is_file():
-                shutil.copyfile(source / name, target / name)
+        _copy_files(source, target)
         wants_spectra = record.get("kind") == "glue" and setting_of(record).method in SPECTRA_METHODS and has_adapter(record)
         if wants_spectra and not (unchanged and (target / SPECTRA_FILE).is_file()):
             atomic_write_json(target / SPECTRA_FILE, spectra_json(record))
@@ -70,11 +75,7 @@ def export_runs(runs: str | Path, out: str | Path, log: Callable[[str], None] = 
     for path in sorted(runs.rglob(EVAL_RECORD)):
         if (path.parent / RECORD_FILE).is_file():
             continue  # in a training run's folder: copied above
-        target = out / path.parent.relative_to(runs)
-        target.mkdir(parents=True, exist_ok=True)
-        for name in COPIED:
-            if (path.parent / name).is_file():
-                shutil.copyfile(path.parent / name, target / name)
+        _copy_files(path.parent, out / path.parent.relative_to(runs))
         evaluations += 1
     log(f"exported {count} run records" + (f" and {evaluations} evaluations" if evaluations else "") + f" to {out}")
     return count
