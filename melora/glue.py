@@ -17,7 +17,6 @@ import time
 from pathlib import Path
 
 import hydra
-import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
@@ -31,17 +30,42 @@ from melora.train.trainer import Trainer, total_optimizer_steps
 log = logging.getLogger(__name__)
 
 
+HELDOUT = "heldout"  # the eval split carved out of the training data; its metrics are "heldout_<metric>"
+
+
+def selection_split(cfg: DictConfig) -> str:
+    """``"heldout"`` or ``"dev"``: where the best epoch is chosen (``selection=`` config group)."""
+    split = OmegaConf.select(cfg, "selection.split", default="dev")
+    if split not in ("dev", HELDOUT):
+        raise ValueError(f"selection.split={split!r} is not known; use selection=heldout or selection=dev")
+    return split
+
+
+def selection_metric(cfg: DictConfig) -> str:
+    """The key of the evaluator's metrics that picks the best epoch."""
+    return f"{HELDOUT}_{cfg.task.metric}" if selection_split(cfg) == HELDOUT else cfg.task.metric
+
+
 def prepare_glue_data(cfg: DictConfig, tokenizer):
-    """Load, subsample and tokenise the task; returns ``(train, {eval_split: dataset})``."""
-    from melora.data.glue import load_glue, subsample, tokenize_glue
+    """Load, subsample and tokenise the task.
+
+    Returns ``(train, {eval_split: dataset}, selection_info)``. With
+    ``selection=heldout`` the eval splits include ``"heldout"``, a fixed part of
+    the training subset that is not trained on.
+    """
+    from melora.data.glue import heldout_split, load_glue, subsample, tokenize_glue
 
     dsdict = load_glue(cfg.task.name, data_dir=cfg.data_dir, source=cfg.task.source)
     # The subset depends on the data seed only, so every method/seed sees the same examples.
     dsdict["train"] = subsample(dsdict["train"], cfg.task.max_train_samples, seed=1234)
     for split in [s for s in dsdict if s != "train"]:
         dsdict[split] = subsample(dsdict[split], cfg.task.max_eval_samples, seed=1234)
+    info = {"split": "dev"}
+    if selection_split(cfg) == HELDOUT:
+        sel = cfg.selection
+        dsdict["train"], dsdict[HELDOUT], info = heldout_split(dsdict["train"], sel.fraction, sel.min_examples, sel.seed)
     tokenized = tokenize_glue(dsdict, tokenizer, cfg.task.name, cfg.task.max_length, cache_dir=cfg.cache_dir)
-    return tokenized["train"], {s: tokenized[s] for s in tokenized if s != "train"}
+    return tokenized["train"], {s: tokenized[s] for s in tokenized if s != "train"}, info
 
 
 def make_glue_evaluator(task: str, eval_sets: dict, collate_fn, batch_size: int):
@@ -98,7 +122,7 @@ def train_glue(cfg: DictConfig) -> dict:
     spec = get_task(cfg.task.name)
     started = time.time()
     tokenizer = load_tokenizer(cfg.model)
-    train_set, eval_sets = prepare_glue_data(cfg, tokenizer)
+    train_set, eval_sets, selection = prepare_glue_data(cfg, tokenizer)
     tcfg = trainer_config(cfg)
     total_steps = total_optimizer_steps(len(train_set), tcfg)
     acfg = adapter_config(cfg.method, total_steps)
@@ -120,6 +144,8 @@ def train_glue(cfg: DictConfig) -> dict:
         "method_config": acfg.to_dict(),
         "seed": cfg.seed,
         "eval_sizes": {s: len(d) for s, d in eval_sets.items()},
+        "selection": selection,
+        "selection_metric": selection_metric(cfg),
         "config": config,
         "config_hash": config_hash(config),
         "started_at": started,
@@ -130,7 +156,7 @@ def train_glue(cfg: DictConfig) -> dict:
         train_dataset=train_set,
         collate_fn=collate,
         evaluate=make_glue_evaluator(cfg.task.name, eval_sets, collate, batch_size=max(64, tcfg.batch_size)),
-        main_metric=cfg.task.metric,
+        main_metric=selection_metric(cfg),
         config=tcfg,
         run_dir=run_dir,
         record=record,

@@ -27,6 +27,7 @@ values differ between the sources while rows and their order are the same.
 from __future__ import annotations
 
 import csv
+import hashlib
 import math
 import os
 from dataclasses import dataclass
@@ -302,6 +303,35 @@ def subsample(dataset: Dataset, n: int | None, seed: int) -> Dataset:
     if n <= 0:
         raise ValueError(f"subsample size must be positive, got {n}.")
     return dataset.shuffle(seed=seed).select(range(n))
+
+
+def heldout_split(dataset: Dataset, fraction: float, min_examples: int, seed: int) -> tuple[Dataset, Dataset, dict]:
+    """Carve a fixed model-selection split out of the training examples.
+
+    The split depends on ``(len(dataset), fraction, min_examples, seed)`` only,
+    so every method and every training seed of a task holds out the same
+    examples and trains on the same rest. Size: ``max(min_examples,
+    round(fraction · len))``, at most half of the examples.
+
+    Returns:
+        ``(train, heldout, info)``: the remaining training examples, the held-out
+        ones, and ``info`` for the run record (sizes, seed, and a hash of the
+        held-out row indices into ``dataset``).
+    """
+    if not 0 < fraction < 1:
+        raise ValueError(f"selection.fraction={fraction} must be in (0, 1), e.g. 0.1")
+    size = max(int(min_examples), int(round(fraction * len(dataset))))
+    if size > len(dataset) // 2:
+        raise ValueError(
+            f"a held-out split of {size} examples leaves too few of the {len(dataset)} training examples; "
+            "lower selection.min_examples or raise task.max_train_samples"
+        )
+    order = np.random.default_rng(seed).permutation(len(dataset))
+    held, kept = np.sort(order[:size]), np.sort(order[size:])
+    digest = hashlib.sha256(held.astype(np.int64).tobytes()).hexdigest()[:16]
+    info = {"split": "heldout", "size": int(size), "train_size": int(len(kept)), "fraction": fraction,
+            "min_examples": int(min_examples), "seed": int(seed), "indices_sha256": digest}
+    return dataset.select(kept.tolist()), dataset.select(held.tolist()), info
 
 
 # ---------------------------------------------------------------------- tokenise

@@ -7,7 +7,7 @@ from typing import Callable
 
 from melora.report.figures import FIGURES, save_figure
 from melora.report.paper import TABLES
-from melora.report.records import load_records
+from melora.report.records import load_records, selection_of
 from melora.report.render import to_markdown, write_table
 
 ARTIFACTS = ("table2", "table3", "table4", "table5", "figure3", "figure4", "figure5")
@@ -15,7 +15,7 @@ EXTRAS = ("demo", "runs")  # written only when asked for (``make demo``; ``make 
 
 
 def make_results(runs: str | Path, out: str | Path, only: list[str] | None = None, model: str | None = None,
-                 profile: str | None = None, threshold: float = 0.1, log: Callable[[str], None] = print,
+                 profile: str | None = None, selection: str = "dev", threshold: float = 0.1, log: Callable[[str], None] = print,
                  show: Callable[[str], None] | None = None) -> dict[str, list[Path]]:
     """Write ``<out>/tables/<table>.{md,csv,tex}`` and ``<out>/figures/<figure>.{png,pdf}``.
 
@@ -25,6 +25,8 @@ def make_results(runs: str | Path, out: str | Path, only: list[str] | None = Non
     An artifact with no records of its kind (e.g. Table 3 before any
     instruction-tuning run) is skipped with a message, not written empty.
     ``show`` receives each table's Markdown (``--print``).
+    ``selection``: the tables and figures use the runs that chose their best
+    epoch this way (``"dev"``: the paper's protocol; ``"heldout"``).
 
     Returns:
         Artifact name → files written.
@@ -36,7 +38,7 @@ def make_results(runs: str | Path, out: str | Path, only: list[str] | None = Non
     unknown = sorted(set(only or ()) - set(ARTIFACTS) - set(EXTRAS))
     if unknown:
         raise ValueError(f"unknown artifacts {unknown}; choose from {list(ARTIFACTS + EXTRAS)}")
-    records = load_records(runs)
+    records = [r for r in load_records(runs) if selection_of(r) == selection]
     written: dict[str, list[Path]] = {}
     for name in only or ARTIFACTS:
         if name == "runs":  # the records without weights, e.g. results/runs/mini

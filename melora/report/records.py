@@ -33,6 +33,14 @@ def load_records(root: str | Path, eval_file: str = EVAL_RECORD) -> list[dict]:
     return records
 
 
+def selection_of(record: dict) -> str:
+    """Where a run chose its best epoch: ``"heldout"`` (held-out training split) or ``"dev"``.
+
+    Records written before held-out selection existed selected on dev.
+    """
+    return (record.get("selection") or {}).get("split", "dev")
+
+
 def attach_evaluations(records: list[dict], root: Path, eval_file: str = EVAL_RECORD) -> None:
     """Set ``record["eval"]`` of each instruct training record to its latest completed evaluation.
 

@@ -1,4 +1,4 @@
-"""Mean ± standard deviation over seeds."""
+"""Mean ± standard deviation over seeds, t confidence intervals, paired differences and verdicts."""
 
 from __future__ import annotations
 
@@ -32,3 +32,59 @@ class Cell:
             return None
         m = self.mean
         return math.sqrt(sum((v - m) ** 2 for v in self.values) / (len(self.values) - 1))
+
+    @property
+    def ci95(self) -> tuple[float, float] | None:
+        """95 % t confidence interval of the mean over seeds (``None`` for one seed)."""
+        return t_interval(self.values, 0.95)
+
+
+def t_interval(values: list[float], confidence: float = 0.95) -> tuple[float, float] | None:
+    """Two-sided t confidence interval for the mean of ``values`` (``None`` below 2 values).
+
+    ``mean ± t_{(1+confidence)/2, n-1} · s / sqrt(n)`` with the sample std ``s`` (ddof = 1).
+    """
+    from scipy.stats import t
+
+    n = len(values)
+    if n < 2:
+        return None
+    mean = sum(values) / n
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    half = t.ppf((1 + confidence) / 2, n - 1) * sd / math.sqrt(n)
+    return mean - half, mean + half
+
+
+@dataclass
+class PairedDifference:
+    """``method − reference`` over the seeds both have (same seed: same data order and init seed).
+
+    ``verdict``: ``"better"`` / ``"worse"`` when the CI excludes 0 (``"better"``
+    means a higher metric), ``"no detectable difference"`` when it contains 0,
+    ``"too few seeds"`` below two pairs.
+    """
+
+    seeds: list[int]
+    differences: list[float]
+    mean: float | None
+    ci: tuple[float, float] | None
+
+    @property
+    def verdict(self) -> str:
+        if self.ci is None:
+            return "too few seeds"
+        low, high = self.ci
+        if low > 0:
+            return "better"
+        if high < 0:
+            return "worse"
+        return "no detectable difference"
+
+
+def paired_difference(method: Cell, reference: Cell, confidence: float = 0.95) -> PairedDifference:
+    """The paired difference of two cells over their common seeds, with a t interval."""
+    ref = dict(zip(reference.seeds, reference.values))
+    seeds = [s for s in method.seeds if s in ref]
+    diffs = [v - ref[s] for s, v in zip(method.seeds, method.values) if s in ref]
+    mean = sum(diffs) / len(diffs) if diffs else None
+    return PairedDifference(seeds=seeds, differences=diffs, mean=mean, ci=t_interval(diffs, confidence))

@@ -55,6 +55,10 @@ _COSMETIC_TRAINER = ("progress", "log_every", "num_workers")
 def config_hash(config: dict) -> str:
     """Identity of a run: a hash of its resolved config minus where and how it is shown."""
     keep = {k: v for k, v in config.items() if k not in _COSMETIC}
+    # Selecting on dev was the only protocol before `selection` existed: leaving it
+    # out keeps the identity of every run recorded before then.
+    if isinstance(keep.get("selection"), dict) and keep["selection"].get("split") == "dev":
+        del keep["selection"]
     if isinstance(keep.get("trainer"), dict):
         keep["trainer"] = {k: v for k, v in keep["trainer"].items() if k not in _COSMETIC_TRAINER}
     return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -335,7 +335,7 @@ class Trainer:
 
     @staticmethod
     def _state_fields(state: dict) -> dict:
-        keys = ("global_step", "best_metric", "best_step", "best_epoch", "history", "train_time_s", "train_samples", "last_train_loss")
+        keys = ("global_step", "best_metric", "best_step", "best_epoch", "best_metrics", "history", "train_time_s", "train_samples", "last_train_loss")
         return {k: state.get(k) for k in keys}
 
     def _evaluate_and_checkpoint(self, model, unwrapped, accelerator, optimizer, scheduler, state, epoch, bar) -> None:
@@ -354,7 +354,9 @@ class Trainer:
             if improved:
                 save_adapter(unwrapped, Path(self.run_dir) / "adapter")
         if improved:
-            state.update(best_metric=value, best_step=state["global_step"], best_epoch=epoch + 1)
+            # Every metric at the selected evaluation: with held-out selection the
+            # dev metric here is the one tables report.
+            state.update(best_metric=value, best_step=state["global_step"], best_epoch=epoch + 1, best_metrics=dict(metrics))
         state["epoch"] = round(state["global_step"] / self._steps_per_epoch, 4)
         if accelerator.is_main_process:
             save_checkpoint(Path(self.run_dir), unwrapped, optimizer, scheduler, state)
