@@ -11,7 +11,7 @@ from melora.report.records import load_records, selection_of
 from melora.report.render import to_markdown, write_table
 
 ARTIFACTS = ("table2", "table3", "table4", "table5", "figure3", "figure4", "figure5")
-EXTRAS = ("demo", "runs")  # written only when asked for (``make demo``; ``make results``: the records)
+EXTRAS = ("demo", "runs", "heldout")  # heldout: the held-out protocol's Table 2 (written with every artifact)  # written only when asked for (``make demo``; ``make results``: the records)
 
 
 def make_results(runs: str | Path, out: str | Path, only: list[str] | None = None, model: str | None = None,
@@ -38,9 +38,14 @@ def make_results(runs: str | Path, out: str | Path, only: list[str] | None = Non
     unknown = sorted(set(only or ()) - set(ARTIFACTS) - set(EXTRAS))
     if unknown:
         raise ValueError(f"unknown artifacts {unknown}; choose from {list(ARTIFACTS + EXTRAS)}")
-    records = [r for r in load_records(runs) if selection_of(r) == selection]
+    all_records = load_records(runs)
+    records = [r for r in all_records if selection_of(r) == selection]
     written: dict[str, list[Path]] = {}
+    if only is None or "heldout" in only:
+        written.update(_heldout_table(all_records, Path(out) / "tables", model, log))
     for name in only or ARTIFACTS:
+        if name == "heldout":
+            continue
         if name == "runs":  # the records without weights, e.g. results/runs/mini
             from melora.report.export import export_runs
 
@@ -64,3 +69,22 @@ def make_results(runs: str | Path, out: str | Path, only: list[str] | None = Non
             written[name] = save_figure(fig, Path(out) / "figures", name)
         log(f"{name}: " + ", ".join(str(p) for p in written[name]))
     return written
+
+
+def _heldout_table(records: list[dict], folder: Path, model: str | None, log: Callable[[str], None]) -> dict[str, list[Path]]:
+    """``table2_heldout.{md,csv}``: Table 2 under held-out selection, when such runs exist."""
+    from melora.report import protocol
+    from melora.train.records import atomic_write_text
+
+    records = [r for r in records if selection_of(r) == "heldout" and (model is None or r.get("model") == model)]
+    table = protocol.build(records)
+    if not table.rows:
+        return {}
+    models = sorted({r.get("model") for r in records})
+    note = protocol.NOTE + f" Model: {', '.join(map(str, models))}; hardware: " + ", ".join(
+        sorted({str((r.get("device") or {}).get("cpu") or (r.get("device") or {}).get("cuda")) for r in records}))
+    paths = [folder / "table2_heldout.md", folder / "table2_heldout.csv"]
+    atomic_write_text(paths[0], protocol.to_markdown(table, note))
+    atomic_write_text(paths[1], protocol.to_csv(table))
+    log("table2_heldout: " + ", ".join(map(str, paths)))
+    return {"table2_heldout": paths}

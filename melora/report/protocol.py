@@ -1,0 +1,178 @@
+"""The held-out protocol's Table 2: selection on validation, dev reported, paired verdicts.
+
+Every run of ``selection=heldout`` chose its best epoch on a held-out part of
+its training data and recorded the GLUE dev metric at that epoch
+(``best_metrics``). Here, per task and Table 2 row:
+
+1. each setting of the row (a MELoRA row has one per ``n``) gets the learning
+   rate whose mean *validation* metric over its seeds is highest;
+2. the row's setting is the one with the highest mean validation metric at its
+   chosen lr (the paper's best-``n``, but chosen without the dev set);
+3. the reported cell is the *dev* metric of that (setting, lr) over its seeds:
+   mean ± sample std and a 95 % t interval;
+4. each other row's paired difference to LoRA r=8 (same seeds: same data order
+   and initialisation seed) gets a 95 % t interval and a verdict.
+
+Rows and settings come from each record's ``method_config``, never from tags.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+from melora.report.paper import GLUE_LABELS, GLUE_ORDER
+from melora.report.records import selection_of
+from melora.report.stats import Cell, PairedDifference, paired_difference
+
+REFERENCE = "LoRA r=8"
+ROW_ORDER = ("LoRA r=8", "DyLoRA r=8", "AdaLoRA r=8", "Delta-LoRA r=8", "MELoRA r=8", "MELoRA r=1")
+_NAMES = {"lora": "LoRA", "dylora": "DyLoRA", "adalora": "AdaLoRA", "delta_lora": "Delta-LoRA", "melora": "MELoRA"}
+
+
+def row_of(method_config: dict) -> str:
+    """The Table 2 row of a method config: method and rank per (mini) LoRA, e.g. ``"MELoRA r=1"``."""
+    method = method_config["method"]
+    rank = method_config.get("target_r") if method == "adalora" else method_config.get("r")
+    return f"{_NAMES.get(method, method)} r={rank}"
+
+
+def setting_of(method_config: dict) -> str:
+    """What a row chooses among: ``"n=8"`` for MELoRA, the row itself otherwise."""
+    return f"n={method_config['n']}" if method_config["method"] == "melora" else "-"
+
+
+@dataclass
+class Choice:
+    """One (row, task) cell of the held-out Table 2."""
+
+    setting: str
+    lr: float
+    validation: Cell
+    dev: Cell
+    candidates: int  # (setting, lr) pairs the choice was made among
+    versus_reference: PairedDifference | None = None
+
+
+@dataclass
+class HeldoutTable:
+    tasks: list[str]
+    rows: dict[str, dict[str, Choice]] = field(default_factory=dict)
+    failed: list[str] = field(default_factory=list)
+
+
+def _scaled(value: float) -> float:
+    return 100.0 * value
+
+
+def collect(records: list[dict]) -> tuple[dict, list[str]]:
+    """``{(task, row, setting, lr): (validation Cell, dev Cell)}`` of completed held-out GLUE runs, and failed runs."""
+    cells: dict[tuple, tuple[Cell, Cell]] = defaultdict(lambda: (Cell(), Cell()))
+    failed = []
+    for r in records:
+        if r.get("kind") != "glue" or selection_of(r) != "heldout":
+            continue
+        if r.get("status") != "completed":
+            if r.get("status") == "failed":
+                failed.append(r.get("name", r.get("run_dir", "?")))
+            continue
+        mc = r["method_config"]
+        lr = float(r["config"]["task"]["lr"])
+        validation, dev = cells[(r["task"], row_of(mc), setting_of(mc), lr)]
+        validation.values.append(_scaled(r["best_metric"]))
+        validation.seeds.append(r["seed"])
+        dev.values.append(_scaled(r["best_metrics"][r["metric"]]))
+        dev.seeds.append(r["seed"])
+    return dict(cells), failed
+
+
+def choose(cells: dict, task: str, row: str) -> Choice | None:
+    """The (setting, lr) of ``row`` on ``task`` with the highest mean validation metric.
+
+    The lr is chosen per setting, then the setting at its chosen lr; ties go to
+    the smaller lr, then the first setting in sorted order. The dev set is never looked at.
+    """
+    options = {(s, lr): c for (t, rw, s, lr), c in cells.items() if t == task and rw == row}
+    if not options:
+        return None
+    best_lr = {}
+    for (setting, lr), (val, _) in sorted(options.items()):
+        if setting not in best_lr or val.mean > options[(setting, best_lr[setting])][0].mean:
+            best_lr[setting] = lr
+    setting = max(sorted(best_lr), key=lambda s: options[(s, best_lr[s])][0].mean)
+    val, dev = options[(setting, best_lr[setting])]
+    return Choice(setting=setting, lr=best_lr[setting], validation=val, dev=dev, candidates=len(options))
+
+
+def build(records: list[dict], tasks: list[str] | None = None) -> HeldoutTable:
+    cells, failed = collect(records)
+    present = {t for (t, *_rest) in cells}
+    tasks = tasks or sorted(present, key=lambda t: GLUE_ORDER.index(t) if t in GLUE_ORDER else 99)
+    table = HeldoutTable(tasks=tasks, failed=failed)
+    rows = sorted({rw for (_, rw, _, _) in cells}, key=lambda r: ROW_ORDER.index(r) if r in ROW_ORDER else 99)
+    for row in rows:
+        table.rows[row] = {t: c for t in tasks if (c := choose(cells, t, row)) is not None}
+    for row, by_task in table.rows.items():
+        if row == REFERENCE:
+            continue
+        for task, choice in by_task.items():
+            ref = table.rows.get(REFERENCE, {}).get(task)
+            if ref is not None:
+                choice.versus_reference = paired_difference(choice.dev, ref.dev)
+    return table
+
+
+def _interval(ci) -> str:
+    return f"[{ci[0]:.1f}, {ci[1]:.1f}]" if ci else "—"
+
+
+def to_rows(table: HeldoutTable) -> tuple[list[str], list[list[str]]]:
+    """Header and body of the long-format table: one line per (row, task)."""
+    header = ["method", "task", "chosen", "lr", "seeds", "validation", "dev mean ± std", "dev 95% CI",
+              f"Δ vs {REFERENCE} (paired)", "Δ 95% CI", "verdict"]
+    body = []
+    for row, by_task in table.rows.items():
+        for task in table.tasks:
+            c = by_task.get(task)
+            if c is None:
+                continue
+            std = f" ± {c.dev.std:.1f}" if c.dev.std is not None else ""
+            d = c.versus_reference
+            body.append([
+                row, GLUE_LABELS.get(task, task), c.setting, f"{c.lr:g}", str(c.dev.n), f"{c.validation.mean:.1f}",
+                f"{c.dev.mean:.1f}{std}", _interval(c.dev.ci95),
+                f"{d.mean:+.1f}" if d and d.mean is not None else "—", _interval(d.ci) if d else "—",
+                d.verdict if d else ("reference" if row == REFERENCE else "—"),
+            ])
+    return header, body
+
+
+def to_markdown(table: HeldoutTable, note: str = "") -> str:
+    header, body = to_rows(table)
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in body]
+    if table.failed:
+        lines += ["", "Failed runs: " + ", ".join(table.failed)]
+    return (note + "\n\n" if note else "") + "\n".join(lines) + "\n"
+
+
+def to_csv(table: HeldoutTable) -> str:
+    import csv
+    import io
+
+    header, body = to_rows(table)
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(header)
+    writer.writerows(body)
+    return out.getvalue()
+
+
+NOTE = (
+    "Held-out protocol (issue 10). Each run picks its best epoch on a fixed held-out 10 % (≥ 200 examples) of its "
+    "training subset; the lr of each setting, then MELoRA's n, are chosen by the mean held-out metric over seeds "
+    "('validation', ×100); 'dev' is the GLUE dev metric ×100 at the chosen epoch, never used to choose. "
+    "CI: 95 % t interval over seeds; Δ: paired over common seeds against LoRA r=8 at its own chosen lr. "
+    "Verdict 'better'/'worse' only when the paired CI excludes 0. Tuning budget: every row the same lr grid; "
+    "MELoRA rows also choose n, which 'chosen' names. 'too few seeds': under two paired seeds."
+)

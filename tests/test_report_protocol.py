@@ -1,0 +1,48 @@
+"""The held-out Table 2: lr and n are chosen on validation only; dev is reported with paired verdicts."""
+
+import pytest
+from scipy import stats
+
+from melora.report.protocol import build, row_of, to_csv, to_markdown
+
+
+def record(task, method, lr, seed, val, dev, n=1, r=8, status="completed"):
+    mc = {"method": method, "r": r, "n": n} if method != "adalora" else {"method": method, "target_r": r}
+    return {"kind": "glue", "task": task, "metric": "accuracy", "status": status, "seed": seed, "name": f"{method}{n}-{lr}-{seed}",
+            "selection": {"split": "heldout"}, "method_config": mc, "config": {"task": {"lr": lr}},
+            "best_metric": val, "best_metrics": {"accuracy": dev, "heldout_accuracy": val}}
+
+
+def test_row_names_come_from_the_method_config():
+    assert row_of({"method": "melora", "n": 8, "r": 1}) == "MELoRA r=1"
+    assert row_of({"method": "adalora", "target_r": 8}) == "AdaLoRA r=8"
+    assert row_of({"method": "lora", "n": 1, "r": 8}) == "LoRA r=8"
+
+
+def test_choice_uses_validation_never_dev():
+    records = []
+    for seed in range(3):
+        # lr 1e-3 is best on validation, 3e-3 would be best on dev: the table must take 1e-3.
+        records += [record("sst2", "lora", 1e-3, seed, 0.80, 0.70 + seed / 100), record("sst2", "lora", 3e-3, seed, 0.75, 0.90)]
+        # MELoRA: n=8 wins on validation at its best lr (3e-3); n=2 has the best dev.
+        records += [record("sst2", "melora", 3e-3, seed, 0.82, 0.71 + seed / 50, n=8, r=1),
+                    record("sst2", "melora", 1e-3, seed, 0.60, 0.99, n=8, r=1),
+                    record("sst2", "melora", 1e-3, seed, 0.81, 0.99, n=2, r=1)]
+    table = build(records)
+    lora, mel = table.rows["LoRA r=8"]["sst2"], table.rows["MELoRA r=1"]["sst2"]
+    assert (lora.lr, lora.setting, lora.candidates) == (1e-3, "-", 2)
+    assert (mel.lr, mel.setting, mel.candidates) == (3e-3, "n=8", 3)
+    assert mel.dev.values == pytest.approx([71.0, 73.0, 75.0])
+    lora_dev, mel_dev = [70.0, 71.0, 72.0], [71.0, 73.0, 75.0]
+    ref = stats.ttest_rel(mel_dev, lora_dev).confidence_interval(0.95)
+    assert mel.versus_reference.ci == pytest.approx((ref.low, ref.high))
+    assert mel.versus_reference.verdict == "no detectable difference"  # mean +2, but the CI spans 0
+
+
+def test_dev_selected_and_failed_runs_are_kept_apart():
+    records = [record("mrpc", "lora", 1e-3, 0, 0.7, 0.7), record("mrpc", "lora", 3e-3, 0, 0.9, 0.9, status="failed")]
+    records.append(dict(record("mrpc", "lora", 3e-4, 0, 0.99, 0.99), selection={"split": "dev"}))
+    table = build(records)
+    assert table.rows["LoRA r=8"]["mrpc"].lr == 1e-3 and table.failed == ["lora1-0.003-0"]
+    md, csv = to_markdown(table), to_csv(table)
+    assert "Failed runs: lora1-0.003-0" in md and csv.splitlines()[1].startswith("LoRA r=8,MRPC,-,0.001,1")
