@@ -96,11 +96,61 @@ def expand(spec: dict, profile: str) -> list[RunSpec]:
     return runs
 
 
-def expand_specs(names: list[str], profile: str) -> list[RunSpec]:
+def grid_lrs(spec: dict) -> list[float]:
+    """The learning rates a grid spec sweeps (its ``task.lr=a,b,c`` group override)."""
+    for group in spec["groups"]:
+        for o in group.get("overrides", []):
+            if o.startswith("task.lr="):
+                return [float(v) for v in o.partition("=")[2].split(",")]
+    raise ValueError(f"spec '{spec['name']}' sweeps no task.lr=…; lr_from needs a learning-rate grid spec")
+
+
+def with_chosen_lr(spec: dict, runs: list[RunSpec], profile: str, extra: list[str] | None = None) -> list[RunSpec]:
+    """Runs of an ``lr_from: <grid spec>`` spec, each at the lr chosen on validation from the grid's runs.
+
+    A run whose (task, row, setting) grid is not complete yet (every lr at every
+    grid seed) is left out with a message: run the grid spec first.
+    """
+    from omegaconf import OmegaConf
+
+    from melora.report.protocol import choose, collect, row_of, setting_of
+    from melora.report.records import load_records
+
+    grid = load_spec(spec["lr_from"])
+    lrs, grid_seeds = grid_lrs(grid), set(grid["profiles"][profile]["seeds"])
+    chosen: dict[tuple, float | None] = {}
+    out, waiting, cells = [], 0, None
+    for run in runs:
+        cfg = compose_run(run, extra)
+        if cells is None:
+            root = Path(cfg.runs_root) / profile
+            cells = collect(load_records(root))[0] if root.is_dir() else {}
+        node = OmegaConf.to_container(cfg.method, resolve=True)
+        mc = {"method": node["name"], **node}
+        key = (cfg.task.name, row_of(mc), setting_of(mc))
+        if key not in chosen:
+            options = {k: v for k, v in cells.items() if k[:3] == key and k[3] in lrs}
+            complete = all(grid_seeds <= set(options[(*key, lr)][0].seeds) for lr in lrs if (*key, lr) in options)
+            choice = choose(options, key[0], key[1]) if complete and len(options) == len(lrs) else None
+            chosen[key] = choice.lr if choice else None
+        if chosen[key] is None:
+            waiting += 1
+            continue
+        out.append(RunSpec(run.entry, [*run.overrides, f"task.lr={chosen[key]:g}"]))
+    if waiting:
+        print(f"{spec['name']}: {waiting} runs wait for their lr grid ({spec['lr_from']}) to complete", flush=True)
+    return out
+
+
+def expand_specs(names: list[str], profile: str, extra: list[str] | None = None) -> list[RunSpec]:
     """The runs of several specs, each distinct run once (in first-seen order)."""
     runs, seen = [], set()
     for name in names:
-        for run in expand(load_spec(name), profile):
+        spec = load_spec(name)
+        spec_runs = expand(spec, profile)
+        if spec.get("lr_from"):
+            spec_runs = with_chosen_lr(spec, spec_runs, profile, extra)
+        for run in spec_runs:
             key = (run.entry, frozenset(run.overrides))
             if key not in seen:
                 seen.add(key)
@@ -263,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-base-eval", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run (e.g. runs_root=…)")
     args = parser.parse_intermixed_args(argv)
-    runs = expand_specs(args.spec.split(","), args.profile)
+    runs = expand_specs(args.spec.split(","), args.profile, args.overrides)
     if args.list:
         for run in runs:
             print(run)

@@ -82,3 +82,28 @@ def test_dev_selection_keeps_the_identity_of_older_runs():
     assert config_hash(config) == record["config_hash"]
     heldout = resolved(compose_glue(["task=glue/mrpc", "method=lora", "method.r=8", "selection=heldout"]))
     assert config_hash(heldout) != record["config_hash"]
+
+
+def test_seeds_stage_takes_the_lr_chosen_on_validation(tmp_path, monkeypatch):
+    """table2_heldout runs each row at its grid's validation-best lr, and waits for incomplete grids."""
+    from melora import sweep
+
+    def fake_record(lr, val, dev):
+        cfg = sweep.compose_run(sweep.RunSpec("glue", ["profile=smoke", "model=minilm", "selection=heldout",
+                                                       "selection.min_examples=16", "task=glue/mrpc", "method=lora",
+                                                       "method.r=8", f"task.lr={lr}", "seed=0", f"runs_root={tmp_path}"]))
+        Path(cfg.run_dir).mkdir(parents=True)
+        record = {"kind": "glue", "task": "mrpc", "metric": "accuracy", "status": "completed", "seed": 0,
+                  "selection": {"split": "heldout"}, "method_config": {"method": "lora", "n": 1, "r": 8},
+                  "config": {"task": {"lr": lr}}, "best_metric": val, "best_metrics": {"accuracy": dev}}
+        (Path(cfg.run_dir) / "record.json").write_text(json.dumps(record))
+
+    extra = [f"runs_root={tmp_path}"]
+    assert sweep.expand_specs(["table2_heldout"], "smoke", extra) == []  # no grid yet: nothing to run
+    fake_record(3e-4, 0.70, 0.99)
+    fake_record(1e-3, 0.80, 0.50)
+    assert sweep.expand_specs(["table2_heldout"], "smoke", extra) == []  # 3e-3 still missing
+    fake_record(3e-3, 0.75, 0.99)
+    runs = sweep.expand_specs(["table2_heldout"], "smoke", extra)
+    assert len(runs) == 2 and all(r.overrides[-1] == "task.lr=0.001" for r in runs)  # LoRA only: seeds 0 and 1
+    assert {o for r in runs for o in r.overrides if o.startswith("seed=")} == {"seed=0", "seed=1"}
