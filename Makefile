@@ -86,6 +86,12 @@ $(TABLES) $(FIGURES):
 	$(SWEEP) $@ --profile $(PROFILE) runs_root=$(RUNS)
 	$(RESULTS) --only $@
 
+.PHONY: table2-heldout
+table2-heldout: $(VENV)/.installed ## Table 2, held-out protocol: lr grid chosen on validation, then 5 seeds -> results/tables/table2_heldout.*
+	$(SWEEP) lr_grid --profile $(PROFILE) runs_root=$(RUNS)
+	$(SWEEP) table2_heldout --profile $(PROFILE) runs_root=$(RUNS)
+	$(RESULTS) --only heldout
+
 .PHONY: results
 results: $(TABLES) $(FIGURES) ## Every table and figure at PROFILE, and the records without weights (results/runs/)
 	$(RESULTS) --only runs

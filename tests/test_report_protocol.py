@@ -17,6 +17,7 @@ def test_row_names_come_from_the_method_config():
     assert row_of({"method": "melora", "n": 8, "r": 1}) == "MELoRA r=1"
     assert row_of({"method": "adalora", "target_r": 8}) == "AdaLoRA r=8"
     assert row_of({"method": "lora", "n": 1, "r": 8}) == "LoRA r=8"
+    assert row_of({"method": "melora", "n": 8, "r": 1, "scaling": "equivalent"}) == "MELoRA r=1 (equivalent)"
 
 
 def test_choice_uses_validation_never_dev():

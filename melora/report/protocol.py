@@ -34,7 +34,9 @@ def row_of(method_config: dict) -> str:
     """The Table 2 row of a method config: method and rank per (mini) LoRA, e.g. ``"MELoRA r=1"``."""
     method = method_config["method"]
     rank = method_config.get("target_r") if method == "adalora" else method_config.get("r")
-    return f"{_NAMES.get(method, method)} r={rank}"
+    scaling = method_config.get("scaling", "per_mini")
+    # Another scaling convention is another method (the scaling study), not another setting to pick from.
+    return f"{_NAMES.get(method, method)} r={rank}" + (f" ({scaling})" if scaling != "per_mini" else "")
 
 
 def setting_of(method_config: dict) -> str:
