@@ -47,3 +47,15 @@ def test_dev_selected_and_failed_runs_are_kept_apart():
     assert table.rows["LoRA r=8"]["mrpc"].lr == 1e-3 and table.failed == ["lora1-0.003-0"]
     md, csv = to_markdown(table), to_csv(table)
     assert "Failed runs: lora1-0.003-0" in md and csv.splitlines()[1].startswith("LoRA r=8,MRPC,-,0.001,1")
+
+
+def test_forest_plot_draws_one_line_per_paired_cell(tmp_path):
+    from melora.report.figures import save_figure
+    from melora.report.protocol import forest_plot
+
+    records = [record("sst2", m, 1e-3, s, 0.8, 0.8 + d + s / 100, n=n, r=r)
+               for s in range(3) for m, n, r, d in (("lora", 1, 8, 0.0), ("melora", 8, 1, -0.02), ("melora", 2, 8, 0.0))]
+    fig = forest_plot(build(records))
+    assert len(fig.axes[0].get_yticklabels()) == 2
+    assert all(p.is_file() for p in save_figure(fig, tmp_path, "verdicts"))
+    assert forest_plot(build([record("sst2", "lora", 1e-3, 0, 0.8, 0.8)])) is None

@@ -87,4 +87,9 @@ def _heldout_table(records: list[dict], folder: Path, model: str | None, log: Ca
     atomic_write_text(paths[0], protocol.to_markdown(table, note))
     atomic_write_text(paths[1], protocol.to_csv(table))
     log("table2_heldout: " + ", ".join(map(str, paths)))
-    return {"table2_heldout": paths}
+    written = {"table2_heldout": paths}
+    fig = protocol.forest_plot(table)
+    if fig is not None:
+        written["verdicts"] = save_figure(fig, folder.parent / "figures", "verdicts")
+        log("verdicts: " + ", ".join(map(str, written["verdicts"])))
+    return written

@@ -178,3 +178,32 @@ NOTE = (
     "Verdict 'better'/'worse' only when the paired CI excludes 0. Tuning budget: every row the same lr grid; "
     "MELoRA rows also choose n, which 'chosen' names. 'too few seeds': under two paired seeds."
 )
+
+
+def forest_plot(table: HeldoutTable):
+    """Each row's paired difference to LoRA r=8 per task, with its 95 % CI (a point alone: one seed).
+
+    Returns a matplotlib Figure, or ``None`` when no row has a paired difference.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lines = [(row, task, c.versus_reference) for row, by_task in table.rows.items() for task, c in by_task.items()
+             if c.versus_reference is not None and c.versus_reference.mean is not None]
+    if not lines:
+        return None
+    fig, ax = plt.subplots(figsize=(8.5, 0.32 * len(lines) + 1.4))
+    colours = {"better": "tab:green", "worse": "tab:red"}
+    for y, (row, task, d) in enumerate(reversed(lines)):
+        colour = colours.get(d.verdict, "tab:grey")
+        if d.ci is not None:
+            ax.plot(d.ci, [y, y], color=colour, lw=2)
+        ax.plot([d.mean], [y], "o", color=colour)
+    ax.set_yticks(range(len(lines)), [f"{row} · {GLUE_LABELS.get(task, task)} ({len(d.seeds)} seed{'s' if len(d.seeds) != 1 else ''})" for row, task, d in reversed(lines)])
+    ax.axvline(0, color="black", lw=0.8)
+    ax.set_xlabel(f"dev metric ×100: paired difference to {REFERENCE}, 95 % t CI over seeds", fontsize=9)
+    ax.set_title("held-out selection; green: better, red: worse, grey: no detectable difference", fontsize=9)
+    fig.tight_layout()
+    return fig
