@@ -23,8 +23,10 @@ from omegaconf import DictConfig, OmegaConf
 from melora.adapters.inject import inject
 from melora.adapters.methods import get_method
 from melora.experiment import adapter_config, check_run_dir, resolved, seed_everything, trainer_config
+from melora.experiment import cli_errors
 from melora.train.loggers import make_logger
 from melora.train.records import atomic_write_text, config_hash
+from melora.train.runlock import exclusive_run
 from melora.train.trainer import Trainer, total_optimizer_steps
 
 log = logging.getLogger(__name__)
@@ -101,6 +103,7 @@ def make_glue_evaluator(task: str, eval_sets: dict, collate_fn, batch_size: int)
     return evaluate
 
 
+@exclusive_run  # one process per run folder: another one skips it
 def train_glue(cfg: DictConfig) -> dict:
     """Fine-tune ``cfg.model`` with ``cfg.method`` on ``cfg.task``; returns the record."""
     from melora.data.glue import glue_collator
@@ -168,6 +171,7 @@ def train_glue(cfg: DictConfig) -> dict:
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="config")
+@cli_errors  # a configuration error: one line, no traceback (HYDRA_FULL_ERROR=1: the traceback)
 def main(cfg: DictConfig) -> float | None:
     record = train_glue(cfg)
     return record.get("best_metric")

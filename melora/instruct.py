@@ -41,8 +41,10 @@ from torch.utils.data import Dataset
 from melora.adapters.inject import inject
 from melora.adapters.methods import get_method
 from melora.experiment import adapter_config, check_run_dir, resolved, seed_everything, trainer_config
+from melora.experiment import cli_errors
 from melora.train.loggers import make_logger
 from melora.train.records import RECORD_FILE, atomic_write_json, atomic_write_text, config_hash
+from melora.train.runlock import exclusive_run
 from melora.train.trainer import Trainer, TrainerConfig, total_optimizer_steps
 
 log = logging.getLogger(__name__)
@@ -249,6 +251,7 @@ def micro_batch_trainer_config(tcfg: TrainerConfig, micro_batch_size: int) -> Tr
     return replace(tcfg, batch_size=tcfg.batch_size // micro_batch_size, per_device_batch_size=1)
 
 
+@exclusive_run  # one process per run folder: another one skips it
 def train_instruct(cfg: DictConfig) -> dict:
     """Fine-tune ``cfg.model`` with ``cfg.method`` on ``cfg.task`` (Alpaca); returns the record."""
     from melora.data.alpaca import CausalLMCollator
@@ -350,6 +353,7 @@ def train_instruct(cfg: DictConfig) -> dict:
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="instruct")
+@cli_errors  # a configuration error: one line, no traceback (HYDRA_FULL_ERROR=1: the traceback)
 def main(cfg: DictConfig) -> float | None:
     record = train_instruct(cfg)
     return record.get("best_metric")

@@ -32,8 +32,9 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from melora.experiment import resolved, seed_everything
+from melora.experiment import cli_errors, resolved, seed_everything
 from melora.train.records import atomic_write_json, atomic_write_text, config_hash, device_info, git_commit, package_versions
+from melora.train.runlock import exclusive_run
 
 log = logging.getLogger(__name__)
 
@@ -172,12 +173,21 @@ def load_eval_model(cfg: DictConfig, adapter: Path | None):
 
 
 def read_eval_record(run_dir: Path) -> dict | None:
-    import json
+    """The folder's evaluation record; a damaged one is moved aside (``.damaged``) with a warning and counts as none."""
+    from melora.train.records import move_aside, read_json_object
 
     path = run_dir / EVAL_RECORD
-    return json.loads(path.read_text()) if path.is_file() else None
+    if not path.is_file():
+        return None
+    try:
+        return read_json_object(path)
+    except ValueError as err:
+        moved = move_aside(path)
+        log.warning("%s is damaged (%s); moved aside to %s, evaluating again", path, err, moved.name if moved else "?")
+        return None
 
 
+@exclusive_run  # one process per run folder: another one skips it
 def evaluate_instruct(cfg: DictConfig) -> dict:
     """Evaluate ``cfg.model`` (+ ``cfg.adapter_dir``) on ``cfg.eval.tasks``; returns the eval record."""
     from melora.eval import evaluate_all
@@ -275,6 +285,7 @@ def evaluate_instruct(cfg: DictConfig) -> dict:
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="instructeval")
+@cli_errors  # a configuration error: one line, no traceback (HYDRA_FULL_ERROR=1: the traceback)
 def main(cfg: DictConfig) -> float | None:
     record = evaluate_instruct(cfg)
     return record.get("average")

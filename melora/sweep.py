@@ -178,9 +178,11 @@ def train_run(entry: str, cfg) -> dict:
 
         return train_glue(cfg)
     from melora.instruct import train_instruct
+    from melora.train.runlock import is_locked
 
     record = train_instruct(cfg)
-    evaluate_run(cfg, adapter_dir=cfg.run_dir)
+    if not is_locked(record):  # another process is training it: no adapter to evaluate yet
+        evaluate_run(cfg, adapter_dir=cfg.run_dir)
     return record
 
 
@@ -216,9 +218,12 @@ def run_all(
     """Train every run not yet complete; returns the run folders by outcome.
 
     ``evaluate_base``: evaluate the base model before the first instruct run
-    (one worker of a parallel sweep does it).
+    (one worker of a parallel sweep does it). ``locked``: runs another process
+    was training (or evaluating), left to it (not done, not failed).
     """
-    outcome: dict[str, list[str]] = {"skipped": [], "completed": [], "failed": []}
+    from melora.train.runlock import is_locked
+
+    outcome: dict[str, list[str]] = {"skipped": [], "completed": [], "failed": [], "locked": []}
     base_evaluated = not evaluate_base
     for i, run in enumerate(runs, 1):
         cfg = compose_run(run, extra)
@@ -233,8 +238,8 @@ def run_all(
             if run.entry == "instruct" and not base_evaluated:
                 evaluate_run(cfg, adapter_dir=None)  # the base model's row of Tables 3/5
                 base_evaluated = True
-            train_run(run.entry, cfg)
-            outcome["completed"].append(cfg.run_dir)
+            record = train_run(run.entry, cfg)
+            outcome["locked" if is_locked(record) else "completed"].append(cfg.run_dir)
         except Exception:  # a failed run is recorded and listed, the sweep goes on
             traceback.print_exc()
             outcome["failed"].append(cfg.run_dir)

@@ -9,24 +9,44 @@
 
 Written into a temp folder and renamed, so a kill during the write leaves the
 previous checkpoint intact.
+
+On resume (:func:`inspect_resume`, then :func:`apply_resume`) a damaged
+checkpoint (a truncated or unreadable file) is moved aside to
+``checkpoint.damaged`` with a one-line warning naming the file, and the run
+starts from scratch. So is a damaged best adapter (``adapter/``): it is
+rewritten from the checkpoint when the checkpoint is of the best evaluation,
+otherwise the run starts from scratch.
 """
 
 from __future__ import annotations
 
-import json
+import logging
 import os
 import random
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from melora.adapters.io import adapter_state_dict
-from melora.train.records import atomic_write_json
+from melora.adapters.io import CONFIG_FILE, WEIGHTS_FILE, adapter_state_dict, save_adapter
+from melora.train.records import atomic_write_json, move_aside, read_json_object
 
 CHECKPOINT_DIR = "checkpoint"
+ADAPTER_DIR = "adapter"  # the best adapter the trainer keeps next to the checkpoint
+STATE_KEYS = ("global_step", "history", "best_metric", "best_step", "scheduler", "python_rng", "numpy_rng")
+
+log = logging.getLogger(__name__)
+
+
+class DamagedFile(ValueError):
+    """A file a run needs is truncated or unreadable; ``path`` names it."""
+
+    def __init__(self, path: Path, reason: str) -> None:
+        super().__init__(f"{path} is damaged ({reason})")
+        self.path, self.reason = Path(path), reason
 
 
 def _rng_tensors() -> dict[str, torch.Tensor]:
@@ -79,19 +99,154 @@ def has_checkpoint(run_dir: Path) -> bool:
     return (Path(run_dir) / CHECKPOINT_DIR / "state.json").is_file()
 
 
-def load_checkpoint(run_dir: Path, model, optimizer, scheduler) -> dict:
-    """Restore ``model`` (unwrapped), optimizer, scheduler and RNGs; return the training state."""
+@dataclass
+class _Checkpoint:
+    """The files of a checkpoint folder, read and checked, not yet applied."""
+
+    folder: Path
+    state: dict
+    tensors: dict[str, torch.Tensor]
+    optimizer: dict
+    rng: dict[str, torch.Tensor]
+
+
+def _reason(err: BaseException) -> str:
+    return f"{type(err).__name__}: {err}".splitlines()[0][:300]
+
+
+def read_checkpoint(run_dir: Path) -> _Checkpoint:
+    """Read every file of ``run_dir``'s checkpoint, changing nothing.
+
+    Raises:
+        DamagedFile: a file is missing, truncated or unreadable.
+    """
     folder = Path(run_dir) / CHECKPOINT_DIR
-    state = json.loads((folder / "state.json").read_text())
-    tensors = load_file(str(folder / "adapter.safetensors"))
+
+    def read(name: str, loader):
+        path = folder / name
+        try:
+            return loader(path)
+        except Exception as err:  # safetensors, JSON, pickle/zip and I/O errors all mean the same here
+            raise DamagedFile(path, _reason(err)) from err
+
+    state = read("state.json", read_json_object)
+    missing = [k for k in STATE_KEYS if k not in state]
+    if missing:
+        raise DamagedFile(folder / "state.json", f"no {', '.join(missing)}")
+    tensors = read("adapter.safetensors", lambda p: load_file(str(p)))
+    optimizer = read("optimizer.pt", lambda p: torch.load(p, weights_only=True, map_location="cpu"))
+    rng = read("rng.safetensors", lambda p: load_file(str(p)))
+    if "torch_cpu" not in rng:
+        raise DamagedFile(folder / "rng.safetensors", "no torch_cpu state")
+    return _Checkpoint(folder, state, tensors, optimizer, rng)
+
+
+def _apply(ckpt: _Checkpoint, model, optimizer, scheduler) -> dict:
     own = adapter_state_dict(model)
-    if set(own) != set(tensors):
-        raise ValueError(f"checkpoint in {folder} does not match this model/config; delete it or change run_dir")
+    if set(own) != set(ckpt.tensors) or any(own[k].shape != ckpt.tensors[k].shape for k in own):
+        raise ValueError(f"checkpoint in {ckpt.folder} does not match this model/config; delete it or change run_dir")
     with torch.no_grad():
         for key, target in own.items():
-            target.copy_(tensors[key])
-    optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True, map_location="cpu"))
+            target.copy_(ckpt.tensors[key])
+    optimizer.load_state_dict(ckpt.optimizer)
+    state = dict(ckpt.state)
     scheduler.load_state_dict(state.pop("scheduler"))
-    _restore_rng(load_file(str(folder / "rng.safetensors")), state)
+    _restore_rng(ckpt.rng, state)
     state.pop("python_rng"), state.pop("numpy_rng")
+    return state
+
+
+def load_checkpoint(run_dir: Path, model, optimizer, scheduler) -> dict:
+    """Restore ``model`` (unwrapped), optimizer, scheduler and RNGs; return the training state.
+
+    Raises:
+        DamagedFile: a checkpoint file is truncated or unreadable (nothing is changed then).
+        ValueError: the checkpoint is of another model or config.
+    """
+    return _apply(read_checkpoint(run_dir), model, optimizer, scheduler)
+
+
+def damaged_adapter(directory: Path) -> DamagedFile | None:
+    """Why the adapter folder ``directory`` (``melora.save_adapter``'s) cannot be loaded, or ``None``.
+
+    Checks that both files are there and complete (the safetensors header and
+    size, the JSON), without reading the tensors.
+    """
+    from safetensors import safe_open
+
+    directory = Path(directory)
+    try:
+        read_json_object(directory / CONFIG_FILE)
+    except Exception as err:
+        return DamagedFile(directory / CONFIG_FILE, _reason(err))
+    try:
+        with safe_open(str(directory / WEIGHTS_FILE), "pt") as f:
+            f.keys()
+    except Exception as err:
+        return DamagedFile(directory / WEIGHTS_FILE, _reason(err))
+    return None
+
+
+@dataclass
+class ResumePlan:
+    """Where a run continues from, decided from its files before anything is changed.
+
+    Every process of a multi-process run reads the same files into the same plan;
+    only the main process then moves damaged files aside (:func:`apply_resume`).
+    """
+
+    run_dir: Path
+    checkpoint: _Checkpoint | None = None  # None: start from scratch
+    rewrite_adapter: bool = False  # the best adapter is lost but the checkpoint is of the best evaluation
+    move: list[tuple[Path, str]] = field(default_factory=list)  # damaged files/folders to move aside, and why
+    warnings: list[str] = field(default_factory=list)
+
+
+def inspect_resume(run_dir: Path) -> ResumePlan:
+    """Read ``run_dir``'s checkpoint and best adapter and decide where the run continues from."""
+    run_dir = Path(run_dir)
+    plan = ResumePlan(run_dir)
+    adapter = run_dir / ADAPTER_DIR
+    damage = damaged_adapter(adapter) if adapter.exists() else None
+    adapter_ok = adapter.exists() and damage is None
+    if damage is not None:
+        plan.move.append((adapter, str(damage)))
+    if not has_checkpoint(run_dir):
+        return plan
+    try:
+        ckpt = read_checkpoint(run_dir)
+    except DamagedFile as err:
+        plan.move.append((run_dir / CHECKPOINT_DIR, f"{err}; training from scratch"))
+        return plan
+    state = ckpt.state
+    if state["best_step"] is not None and not adapter_ok:
+        if state["best_step"] != state["global_step"]:
+            plan.warnings.append(
+                f"the best adapter (step {state['best_step']}) of {run_dir} is lost and the checkpoint is of step "
+                f"{state['global_step']}; training from scratch"
+            )
+            return plan
+        plan.rewrite_adapter = True
+        plan.warnings.append(f"the best adapter of {run_dir} is lost; rewriting it from the checkpoint (step {state['global_step']}, the best)")
+    plan.checkpoint = ckpt
+    return plan
+
+
+def apply_resume(plan: ResumePlan, model, optimizer, scheduler, is_main: bool = True) -> dict | None:
+    """Carry out ``plan``: the restored training state, or ``None`` to start from scratch.
+
+    On the main process, logs the plan's warnings, moves damaged files aside and
+    rewrites a lost best adapter from the checkpoint.
+    """
+    if is_main:
+        for path, why in plan.move:
+            moved = move_aside(path)
+            log.warning("%s (%s/ moved aside to %s)", why, path.name, moved.name if moved else "?")
+        for message in plan.warnings:
+            log.warning(message)
+    if plan.checkpoint is None:
+        return None
+    state = _apply(plan.checkpoint, model, optimizer, scheduler)
+    if plan.rewrite_adapter and is_main:
+        save_adapter(model, plan.run_dir / ADAPTER_DIR)
     return state

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import platform
 import subprocess
@@ -21,6 +22,8 @@ from typing import Any
 import torch
 
 RECORD_FILE = "record.json"
+DAMAGED_SUFFIX = ".damaged"  # a damaged file or folder is renamed <name>.damaged, kept as evidence
+log = logging.getLogger(__name__)
 PACKAGES = ("melora", "torch", "transformers", "peft", "accelerate", "datasets", "hydra-core", "safetensors")
 
 
@@ -107,14 +110,68 @@ def peak_memory_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
-def read_record(run_dir: str | os.PathLike) -> dict | None:
+def move_aside(path: str | os.PathLike) -> Path | None:
+    """Rename the damaged file or folder ``path`` to ``<name>.damaged`` (``.damaged.1``, … when taken).
+
+    The evidence is kept, out of the way of the run. Returns the new path, or
+    ``None`` when ``path`` is gone already (another process moved it).
+    """
+    path = Path(path)
+    target, k = path.with_name(path.name + DAMAGED_SUFFIX), 1
+    while target.exists():
+        target, k = path.with_name(f"{path.name}{DAMAGED_SUFFIX}.{k}"), k + 1
+    try:
+        os.replace(path, target)
+    except FileNotFoundError:
+        return None
+    return target
+
+
+_warned: set[str] = set()  # damaged records already reported by this process
+
+
+def read_json_object(path: str | os.PathLike) -> dict:
+    """The JSON object in ``path``.
+
+    Raises:
+        ValueError: the file is not a complete JSON object (truncated, corrupt, not UTF-8).
+    """
+    value = json.loads(Path(path).read_text())  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+    if not isinstance(value, dict):
+        raise ValueError(f"holds a JSON {type(value).__name__}, not an object")
+    return value
+
+
+def read_record(run_dir: str | os.PathLike, move_damaged: bool = False) -> dict | None:
+    """The run's record, or ``None`` when it has none.
+
+    A damaged ``record.json`` (truncated, corrupt) counts as none, with a
+    one-line warning naming it (once per process); ``move_damaged`` also renames
+    it to ``record.json.damaged``, so the run can start over (the run entry does
+    this, holding the run's lock; readers only skip it).
+    """
     path = Path(run_dir) / RECORD_FILE
-    return json.loads(path.read_text()) if path.is_file() else None
+    if not path.is_file():
+        return None
+    try:
+        return read_json_object(path)
+    except FileNotFoundError:
+        return None  # moved aside by another process meanwhile
+    except ValueError as err:
+        if move_damaged:
+            moved = move_aside(path)
+            log.warning("%s is damaged (%s); moved aside to %s", path, err, moved.name if moved else "?")
+        elif str(path) not in _warned:
+            _warned.add(str(path))
+            log.warning("%s is damaged (%s); skipping it", path, err)
+        return None
 
 
 def iter_records(root: str | os.PathLike):
-    """Every ``record.json`` below ``root``, with its folder under ``run_dir``."""
+    """Every ``record.json`` below ``root``, with its folder under ``run_dir``; damaged ones are skipped with a warning."""
     for path in sorted(Path(root).rglob(RECORD_FILE)):
-        record = json.loads(path.read_text())
+        record = read_record(path.parent)
+        if record is None:
+            continue
         record["run_dir"] = str(path.parent)
         yield record

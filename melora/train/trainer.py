@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from melora.adapters.inject import describe, get_config
 from melora.adapters.io import save_adapter
 from melora.adapters.methods import AdapterMethod
-from melora.train.checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
+from melora.train.checkpoint import apply_resume, inspect_resume, save_checkpoint
 from melora.train.loggers import NullLogger
 from melora.train.records import RECORD_FILE, atomic_write_json, device_info, git_commit, package_versions, peak_memory_mb
 
@@ -225,9 +225,14 @@ class Trainer:
 
         summary = describe(unwrapped)
         state = {"global_step": 0, "epoch": 0, "best_metric": None, "best_step": None, "best_epoch": None, "history": [], "train_time_s": 0.0, "train_samples": 0}
-        if self.resume and has_checkpoint(run_dir):
-            state = load_checkpoint(run_dir, unwrapped, optimizer, scheduler)
-            accelerator.print(f"resuming {run_dir} from step {state['global_step']} (epoch {state['epoch']})")
+        if self.resume:
+            # Every process reads the files before the main one moves a damaged one aside.
+            plan = inspect_resume(run_dir)
+            accelerator.wait_for_everyone()
+            restored = apply_resume(plan, unwrapped, optimizer, scheduler, is_main=is_main)
+            if restored is not None:
+                state = restored
+                accelerator.print(f"resuming {run_dir} from step {state['global_step']} (epoch {state['epoch']})")
         record = dict(
             self.record,
             status="running",
