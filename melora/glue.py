@@ -22,8 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from melora.adapters.inject import inject
 from melora.adapters.methods import get_method
-from melora.experiment import adapter_config, check_run_dir, resolved, seed_everything, trainer_config
-from melora.experiment import cli_errors
+from melora.experiment import adapter_config, check_run_dir, cli_errors, resolved, seed_everything, trainer_config
 from melora.train.loggers import make_logger
 from melora.train.records import atomic_write_text, config_hash
 from melora.train.runlock import exclusive_run

@@ -40,8 +40,7 @@ from torch.utils.data import Dataset
 
 from melora.adapters.inject import inject
 from melora.adapters.methods import get_method
-from melora.experiment import adapter_config, check_run_dir, resolved, seed_everything, trainer_config
-from melora.experiment import cli_errors
+from melora.experiment import adapter_config, check_run_dir, cli_errors, resolved, seed_everything, trainer_config
 from melora.train.loggers import make_logger
 from melora.train.records import RECORD_FILE, atomic_write_json, atomic_write_text, config_hash
 from melora.train.runlock import exclusive_run

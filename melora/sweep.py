@@ -130,8 +130,8 @@ def with_chosen_lr(spec: dict, runs: list[RunSpec], profile: str, extra: list[st
         key = (cfg.task.name, row_of(mc), setting_of(mc))
         if key not in chosen:
             options = {k: v for k, v in cells.items() if k[:3] == key and k[3] in lrs}
-            complete = all(grid_seeds <= set(options[(*key, lr)][0].seeds) for lr in lrs if (*key, lr) in options)
-            choice = choose(options, key[0], key[1]) if complete and len(options) == len(lrs) else None
+            complete = len(options) == len(lrs) and all(grid_seeds <= set(val.seeds) for val, _ in options.values())
+            choice = choose(options, key[0], key[1]) if complete else None
             chosen[key] = choice.lr if choice else None
         if chosen[key] is None:
             waiting += 1

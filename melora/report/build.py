@@ -11,7 +11,9 @@ from melora.report.records import load_records, selection_of
 from melora.report.render import to_markdown, write_table
 
 ARTIFACTS = ("table2", "table3", "table4", "table5", "figure3", "figure4", "figure5")
-EXTRAS = ("demo", "runs", "heldout")  # heldout: the held-out protocol's Table 2 (written with every artifact)  # written only when asked for (``make demo``; ``make results``: the records)
+# Written only when asked for (``make demo``; ``make results``: the records), except
+# heldout (the held-out protocol's Table 2 and verdicts), which every full build writes.
+EXTRAS = ("demo", "runs", "heldout")
 
 
 def make_results(runs: str | Path, out: str | Path, only: list[str] | None = None, model: str | None = None,

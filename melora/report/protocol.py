@@ -97,11 +97,11 @@ def choose(cells: dict, task: str, row: str) -> Choice | None:
     options = {(s, lr): c for (t, rw, s, lr), c in cells.items() if t == task and rw == row}
     if not options:
         return None
+    validation = lambda setting, lr: options[(setting, lr)][0].mean  # noqa: E731
     best_lr = {}
-    for (setting, lr), (val, _) in sorted(options.items()):
-        if setting not in best_lr or val.mean > options[(setting, best_lr[setting])][0].mean:
-            best_lr[setting] = lr
-    setting = max(sorted(best_lr), key=lambda s: options[(s, best_lr[s])][0].mean)
+    for setting, lr in sorted(options):  # max keeps the first of equals: the smaller lr
+        best_lr[setting] = max(best_lr.get(setting, lr), lr, key=lambda x: validation(setting, x))
+    setting = max(sorted(best_lr), key=lambda s: validation(s, best_lr[s]))
     val, dev = options[(setting, best_lr[setting])]
     return Choice(setting=setting, lr=best_lr[setting], validation=val, dev=dev, candidates=len(options))
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import statistics
 from dataclasses import dataclass, field
 
 
@@ -49,9 +50,8 @@ def t_interval(values: list[float], confidence: float = 0.95) -> tuple[float, fl
     n = len(values)
     if n < 2:
         return None
-    mean = sum(values) / n
-    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
-    half = t.ppf((1 + confidence) / 2, n - 1) * sd / math.sqrt(n)
+    mean = statistics.fmean(values)
+    half = t.ppf((1 + confidence) / 2, n - 1) * statistics.stdev(values) / math.sqrt(n)
     return mean - half, mean + half
 
 
