@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from melora.adapters.layer import AdapterLayer
+from melora.adapters.base import AdapterLayer
 
 
 @dataclass

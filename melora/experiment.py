@@ -5,15 +5,12 @@ from __future__ import annotations
 import functools
 import logging
 import os
-import random
 import sys
 from pathlib import Path
 
-import numpy as np
-import torch
 from omegaconf import DictConfig, OmegaConf
 
-from melora.adapters.config import AdapterConfig, config_from_dict
+from melora.adapters.base import AdapterConfig, config_class
 from melora.train.records import config_hash, move_aside, read_record
 from melora.train.trainer import TrainerConfig
 
@@ -22,36 +19,18 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 
 # Hydra-only keys of a method node, not adapter hyper-parameters.
 _METHOD_META = ("name", "tag")
-# Method fields given as a fraction of the total steps when < 1.
-_STEP_FRACTIONS = ("tinit", "tfinal", "update_start_step")
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-    torch.cuda.manual_seed_all(seed)
 
 
 def adapter_config(method: DictConfig | dict, total_steps: int | None = None) -> AdapterConfig:
-    """The library config for a Hydra ``method`` node.
+    """The library config for a Hydra ``method`` node of a run of ``total_steps`` steps.
 
-    Step-valued fields below 1 (``tinit``, ``tfinal``, ``update_start_step``)
-    are fractions of ``total_steps``; AdaLoRA's ``total_step`` is filled in.
+    The method's step-valued fields below 1 (e.g. Delta-LoRA's
+    ``update_start_step``) are fractions of ``total_steps``; a method that
+    needs the run's length (AdaLoRA's ``total_step``) gets it.
     """
     node = OmegaConf.to_container(method, resolve=True) if isinstance(method, DictConfig) else dict(method)
     fields = {k: v for k, v in node.items() if k not in _METHOD_META}
-    for key in _STEP_FRACTIONS:
-        value = fields.get(key)
-        if value is not None and 0 < value < 1:
-            if total_steps is None:
-                raise ValueError(f"method.{key}={value} is a fraction of the run's steps; total_steps is needed")
-            fields[key] = int(round(value * total_steps))
-        elif value is not None:
-            fields[key] = int(value)
-    if node["name"] == "adalora":
-        fields["total_step"] = total_steps
-    return config_from_dict({"method": node["name"], **fields})
+    return config_class(node["name"]).for_run(fields, total_steps)
 
 
 def trainer_config(cfg: DictConfig) -> TrainerConfig:

@@ -18,11 +18,12 @@ from pathlib import Path
 
 import hydra
 import torch
+from accelerate.utils import set_seed
 from omegaconf import DictConfig, OmegaConf
 
+from melora.adapters.base import get_method
 from melora.adapters.inject import inject
-from melora.adapters.methods import get_method
-from melora.experiment import adapter_config, check_run_dir, cli_errors, resolved, seed_everything, trainer_config
+from melora.experiment import adapter_config, check_run_dir, cli_errors, resolved, trainer_config
 from melora.train.loggers import make_logger
 from melora.train.records import atomic_write_text, config_hash
 from melora.train.runlock import exclusive_run
@@ -120,7 +121,7 @@ def train_glue(cfg: DictConfig) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
 
-    seed_everything(cfg.seed)
+    set_seed(cfg.seed)
     spec = get_task(cfg.task.name)
     started = time.time()
     tokenizer = load_tokenizer(cfg.model)
@@ -129,7 +130,7 @@ def train_glue(cfg: DictConfig) -> dict:
     total_steps = total_optimizer_steps(len(train_set), tcfg)
     acfg = adapter_config(cfg.method, total_steps)
 
-    seed_everything(cfg.seed)  # the head and A init depend on the seed only, not on data loading
+    set_seed(cfg.seed)  # the head and A init depend on the seed only, not on data loading
     model = load_sequence_classifier(cfg.model, spec.num_labels, "regression" if spec.is_regression else "single_label_classification")
     model = inject(model, acfg, seed=cfg.seed)
     collate = glue_collator(tokenizer)

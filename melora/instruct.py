@@ -35,12 +35,13 @@ from typing import Any
 
 import hydra
 import torch
+from accelerate.utils import set_seed
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import Dataset
 
+from melora.adapters.base import get_method
 from melora.adapters.inject import inject
-from melora.adapters.methods import get_method
-from melora.experiment import adapter_config, check_run_dir, cli_errors, resolved, seed_everything, trainer_config
+from melora.experiment import adapter_config, check_run_dir, cli_errors, resolved, trainer_config
 from melora.train.loggers import make_logger
 from melora.train.records import RECORD_FILE, atomic_write_json, atomic_write_text, config_hash
 from melora.train.runlock import exclusive_run
@@ -267,7 +268,7 @@ def train_instruct(cfg: DictConfig) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
 
-    seed_everything(cfg.seed)
+    set_seed(cfg.seed)
     started = time.time()
     cpu_start = time.process_time()
     tokenizer = load_tokenizer(cfg.model)
@@ -281,7 +282,7 @@ def train_instruct(cfg: DictConfig) -> dict:
     total_steps = total_optimizer_steps(len(train_batches), item_cfg)
     acfg = adapter_config(cfg.method, total_steps)
 
-    seed_everything(cfg.seed)  # the A init depends on the seed only, not on data loading
+    set_seed(cfg.seed)  # the A init depends on the seed only, not on data loading
     model = load_instruct_model(cfg)
     model = inject(model, acfg, seed=cfg.seed)
     upcast_trainable(model)

@@ -30,9 +30,10 @@ from typing import Any
 
 import hydra
 import torch
+from accelerate.utils import set_seed
 from omegaconf import DictConfig, OmegaConf
 
-from melora.experiment import cli_errors, resolved, seed_everything
+from melora.experiment import cli_errors, resolved
 from melora.train.records import atomic_write_json, atomic_write_text, config_hash, device_info, git_commit, package_versions
 from melora.train.runlock import exclusive_run
 
@@ -215,7 +216,7 @@ def evaluate_instruct(cfg: DictConfig) -> dict:
 
     started = time.time()
     cpu_start = time.process_time()
-    seed_everything(cfg.eval.seed)
+    set_seed(cfg.eval.seed)
     t0 = time.perf_counter()
     model, tokenizer, merged = load_eval_model(cfg, adapter)
     load_s = time.perf_counter() - t0

@@ -126,7 +126,7 @@ def with_chosen_lr(spec: dict, runs: list[RunSpec], profile: str, extra: list[st
             root = Path(cfg.runs_root) / profile
             cells = collect(load_records(root))[0] if root.is_dir() else {}
         node = OmegaConf.to_container(cfg.method, resolve=True)
-        mc = {"method": node["name"], **node}
+        mc = {"method": node.pop("name"), **{k: v for k, v in node.items() if k != "tag"}}
         key = (cfg.task.name, row_of(mc), setting_of(mc))
         if key not in chosen:
             options = {k: v for k, v in cells.items() if k[:3] == key and k[3] in lrs}

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime as dt
-import os
 import statistics
 import sys
 import time

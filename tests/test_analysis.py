@@ -2,10 +2,10 @@
 
 import pytest
 import torch
+from conftest import randomize_adapters, tiny_bert
 
 import melora
 from melora.analysis import count_above, singular_values
-from conftest import randomize_adapters, tiny_bert
 
 
 def test_singular_values_match_dense_svd_and_count():

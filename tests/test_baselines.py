@@ -3,10 +3,10 @@
 import pytest
 import torch
 import torch.nn as nn
+from conftest import tiny_bert
 
 import melora
-from melora.adapters.methods import DyLoRAMethod
-from conftest import tiny_bert
+from melora.adapters.dylora import DyLoRAMethod
 
 
 def dylora_layer(frozen=False):

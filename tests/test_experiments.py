@@ -8,6 +8,7 @@ import pytest
 import yaml
 from omegaconf import OmegaConf
 
+from melora.experiment import adapter_config
 from melora.report.figures import FIGURE3_BASELINE, FIGURE3_SETTINGS
 from melora.report.paper import TABLES
 from melora.report.records import BASE_TAG
@@ -65,6 +66,24 @@ def _tag(method_overrides: tuple[str, ...]) -> str:
     return OmegaConf.create({"method": node}).method.tag
 
 
+def method_label(run) -> str:
+    """The label of the run's adapter config (what tables group by), from its method.* overrides."""
+    return _label(tuple(o for o in run.overrides if o.startswith("method")))
+
+
+@functools.lru_cache(maxsize=None)
+def _label(method_overrides: tuple[str, ...]) -> str:
+    name = next(o.split("=", 1)[1] for o in method_overrides if o.startswith("method="))
+    node = OmegaConf.load(CONFIGS / "method" / f"{name}.yaml")
+    for o in method_overrides:
+        if o.startswith("method."):
+            key, value = o.split("=", 1)
+            OmegaConf.update(node, key.removeprefix("method."), yaml.safe_load(value))
+    node.target_modules, node.modules_to_save = ["query"], []
+    del node["tag"]  # a folder name: not part of the config
+    return adapter_config(node, total_steps=1000).label()
+
+
 @pytest.mark.parametrize("name", SPECS)
 def test_spec_opens_with_its_make_command(name):
     text = (EXPERIMENTS / f"{name}.yaml").read_text()
@@ -117,23 +136,23 @@ def test_exact_override_lists():
         ["profile=smoke", "model=smollm2-135m", "method=melora", "method.n=2", "method.r=8", "seed=0"]]
 
 
-def table_tags(name: str) -> set[str]:
+def table_settings(name: str) -> set[str]:
     """The adapter settings a table reports (the base model's row is no run: the sweep evaluates it once)."""
     table = TABLES[name]([])
-    return {t for row in table.rows for t in row.spec.tags} - {BASE_TAG}
+    return {t for row in table.rows for t in row.spec.settings} - {BASE_TAG}
 
 
 @pytest.mark.parametrize("name,profile", [("table2", "paper"), ("table2", "smoke"), ("table4", "mini"), ("table3", "paper"), ("table5", "paper")])
 def test_specs_run_exactly_the_settings_their_tables_report(name, profile):
-    assert {method_tag(r) for r in runs(name, profile)} == table_tags(name)
+    assert {method_label(r) for r in runs(name, profile)} == table_settings(name)
 
 
 def test_figure_specs_cover_the_figure_settings():
-    assert {method_tag(r) for r in runs("figure3", "mini")} == {FIGURE3_BASELINE, *FIGURE3_SETTINGS}
-    fig4 = {method_tag(r) for r in runs("figure4", "paper")}
-    assert fig4 == {f"lora_r{r}" for r in (2, 4)} | {f"melora_n{n}_r{r}" for n in (2, 4, 8, 16) for r in (2, 4)}
-    fig5 = {method_tag(r) for r in runs("figure5", "mini")}
-    assert fig5 == {f"lora_r{r}" for r in (1, 2, 4, 8, 16)} | {f"melora_n2_r{r}" for r in (1, 2, 4, 8, 16)}
+    assert {method_label(r) for r in runs("figure3", "mini")} == {FIGURE3_BASELINE, *FIGURE3_SETTINGS}
+    fig4 = {method_label(r) for r in runs("figure4", "paper")}
+    assert fig4 == {f"LoRA r={r}" for r in (2, 4)} | {f"MELoRA n={n} r={r}" for n in (2, 4, 8, 16) for r in (2, 4)}
+    fig5 = {method_label(r) for r in runs("figure5", "mini")}
+    assert fig5 == {f"LoRA r={r}" for r in (1, 2, 4, 8, 16)} | {f"MELoRA n=2 r={r}" for r in (1, 2, 4, 8, 16)}
 
 
 def sample(out: list) -> list:

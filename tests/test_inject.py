@@ -3,10 +3,10 @@
 import pytest
 import torch
 import torch.nn as nn
+from conftest import randomize_adapters, tiny_bert, tiny_gpt2, tiny_llama
 from transformers.pytorch_utils import Conv1D
 
 import melora
-from conftest import randomize_adapters, tiny_bert, tiny_gpt2, tiny_llama
 
 
 def test_inject_bert_freezes_by_type(bert):

@@ -13,9 +13,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
-
 from conftest import data_dir
+from hydra import compose, initialize_config_dir
 from test_instruct import CONFIGS, ROOT, alpaca_json, tiny_model_dir, train_tiny  # noqa: F401 (fixtures)
 
 EVAL_FIELDS = {

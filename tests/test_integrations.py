@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import data_dir, tiny_bert
 from datasets import Dataset, DatasetDict
 from transformers import Trainer, TrainingArguments
 
 import melora
 from melora.integrations import MELoRACallback
-from conftest import data_dir, tiny_bert
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "model"
 QV = ["query", "value"]

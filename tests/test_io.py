@@ -5,9 +5,9 @@ import json
 import peft
 import pytest
 import torch
+from conftest import randomize_adapters, tiny_bert, tiny_gpt2, tiny_llama
 
 import melora
-from conftest import randomize_adapters, tiny_bert, tiny_gpt2, tiny_llama
 
 
 def logits(model, ids):
@@ -97,7 +97,8 @@ def test_peft_export_gives_identical_logits(tmp_path, factory, targets, n, r, ru
     torch.testing.assert_close(logits(served, ids), expected, rtol=1e-5, atol=1e-6)
 
 
-def test_peft_export_refuses_other_methods(tmp_path):
-    model = melora.inject(tiny_bert(), melora.DyLoRAConfig(r=4))
-    with pytest.raises(ValueError, match="supports methods 'melora' and 'lora', not 'dylora'"):
+@pytest.mark.parametrize("config", [melora.DyLoRAConfig(r=4), melora.DeltaLoRAConfig(r=4)], ids=["dylora", "delta_lora"])
+def test_peft_export_refuses_other_methods(tmp_path, config):
+    model = melora.inject(tiny_bert(), config)
+    with pytest.raises(ValueError, match=f"exactly a LoRA .*not '{config.method}'"):
         melora.export_peft_lora(model, tmp_path)

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import nbformat
 import pytest
-
 from conftest import data_dir
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -20,9 +19,8 @@ SHRINK = ["task.max_train_samples=16", "task.max_eval_samples=16", "task.epochs=
 @pytest.fixture(scope="module")
 def smoke_runs(tmp_path_factory):
     data_dir()
-    from test_glue_pipeline import train_in_process
-
     import torch
+    from test_glue_pipeline import train_in_process
 
     root = tmp_path_factory.mktemp("runs")
     # Two steps of a small model: threads only add OpenMP spin-waiting on shared CPU cores.

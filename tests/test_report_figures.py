@@ -4,14 +4,14 @@ import importlib.util
 from pathlib import Path
 
 import pytest
+from conftest import randomize_adapters, tiny_bert
+from test_report_tables import fake_record, glue_runs
 
 import melora
-from conftest import randomize_adapters, tiny_bert
 from melora.report import make_results
 from melora.report.figures import figure3, figure4, figure5, save_figure
 from melora.report.records import load_records
 from melora.report.spectra import run_spectra
-from test_report_tables import fake_record, glue_runs
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -95,8 +95,8 @@ def test_figure3_counts_singular_values_per_layer(tmp_path):
     lines = {label: list(line.get_ydata()) for label, line in zip(labels, ax.get_lines())}
     lora = [(a + b) / 2 for a, b in zip(counts("lora_r8", 0, "query"), counts("lora_r8", 1, "query"))]
     assert lines["LoRA r=8 (query)"] == lora and max(lora) <= 8  # mean over the two seeds; rank ≤ r
-    assert lines["MELoRA 8×8 (value)"] == counts("melora_n8_r8", 0, "value")
-    assert max(lines["MELoRA 8×8 (value)"]) > 8  # block diagonal: more than LoRA r=8 can reach
+    assert lines["MELoRA n=8 r=8 (value)"] == counts("melora_n8_r8", 0, "value")
+    assert max(lines["MELoRA n=8 r=8 (value)"]) > 8  # block diagonal: more than LoRA r=8 can reach
 
 
 def test_make_results_writes_and_skips(tmp_path):

@@ -125,6 +125,18 @@ def test_mixed_models_need_a_choice(records, tmp_path):
     assert table2(records + [other], model="mpnet-base", profile="unit").rows[0].cells["mrpc"].values == [0.5]
 
 
+def test_rows_come_from_the_method_config_not_the_tag(tmp_path):
+    # A tag is a folder name: a run tagged "my_run" with MELoRA n=2 r=8's config is that row's run,
+    # and a run tagged like LoRA r=8 but configured with another scaling is not LoRA r=8's.
+    fake_record(tmp_path, "mrpc", "melora_n2_r8", 0, 0.61, method_tag="my_run",
+                method_config={"method": "melora", "n": 2, "r": 8, "alpha": 16})
+    fake_record(tmp_path, "mrpc", "lora_r8", 0, 0.99,
+                method_config={"method": "lora", "n": 1, "r": 8, "alpha": 16, "scaling": "rslora"})
+    rows = {r.label: r for r in table2(load_records(tmp_path), profile="unit").rows}
+    assert rows["MELoRA n=2 r=8"].cells["mrpc"].values == [0.61]
+    assert rows["LoRA r=8"].cells["mrpc"].values == []
+
+
 def test_table4_groups_by_equivalent_rank(tmp_path):
     for seed, (a, b) in enumerate([(0.70, 0.72), (0.74, 0.76)]):
         fake_record(tmp_path, "mrpc", "lora_r4", seed, a)
@@ -141,8 +153,8 @@ def test_table4_groups_by_equivalent_rank(tmp_path):
 def test_csv_holds_numbers_in_printed_units(records):
     rows = list(csv.DictReader(io.StringIO(to_csv(table2(records, profile="unit")))))
     best = next(r for r in rows if r["method"] == "MELoRA r=8 (best n)")
-    assert (best["MRPC"], best["MRPC std"], best["MRPC seeds"], best["MRPC pick"]) == ("91.0", "1.4142", "2", "melora_n8_r8")
-    assert (best["STS-B"], best["STS-B pick"], best["avg"], best["params"]) == ("91.0", "melora_n2_r8", "91.0", "73728")
+    assert (best["MRPC"], best["MRPC std"], best["MRPC seeds"], best["MRPC pick"]) == ("91.0", "1.4142", "2", "MELoRA n=8 r=8")
+    assert (best["STS-B"], best["STS-B pick"], best["avg"], best["params"]) == ("91.0", "MELoRA n=2 r=8", "91.0", "73728")
     lora = next(r for r in rows if r["method"] == "LoRA r=8")
     assert (lora["MRPC"], lora["MRPC std"], lora["paper"]) == ("82.0", "2.0", NOT_AVAILABLE)
 

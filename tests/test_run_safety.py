@@ -16,10 +16,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import data_dir, tiny_bert
 from hydra import compose, initialize_config_dir
 from safetensors.torch import load_file
-
-from conftest import data_dir, tiny_bert
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = str(ROOT / "configs")

@@ -1,20 +1,25 @@
-"""The adapter library: layers, configs, injection, merging, save/load, export.
+"""The adapter library: one file per method, and injection, merging, save/load, export.
 
 Depends only on torch, safetensors, transformers (for ``Conv1D``) and peft (for
 AdaLoRA and the PEFT export); nothing here imports the experiment side.
+
+The imports below are the method registry: each method file registers itself
+(``@register``) when imported. A new method is one more file and one more line.
 """
 
-from melora.adapters.baselines import DeltaLoRALinear, DyLoRALinear
-from melora.adapters.config import (
-    AdaLoRAConfig,
+from melora.adapters.adalora import AdaLoRAConfig
+from melora.adapters.base import (
     AdapterConfig,
-    DeltaLoRAConfig,
-    DyLoRAConfig,
-    LoRAConfig,
-    MELoRAConfig,
+    AdapterLayer,
+    AdapterMethod,
+    adapter_layers,
     config_from_dict,
+    find_targets,
+    get_method,
+    register,
 )
-from melora.adapters.inject import describe, find_targets, get_config, inject, merge_and_unload
+from melora.adapters.delta_lora import DeltaLoRAConfig, DeltaLoRALinear
+from melora.adapters.dylora import DyLoRAConfig, DyLoRALinear
+from melora.adapters.inject import describe, get_config, inject, merge_and_unload
 from melora.adapters.io import export_peft_lora, load_adapter, read_adapter_config, save_adapter
-from melora.adapters.layer import AdapterLayer, MELoRALinear
-from melora.adapters.methods import AdapterMethod, adapter_layers, get_method
+from melora.adapters.melora import LoRAConfig, MELoRAConfig, MELoRALinear

@@ -20,20 +20,11 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
-from melora.adapters.config import AdaLoRAConfig, DeltaLoRAConfig, MELoRAConfig, config_from_dict
-from melora.adapters.inject import (
-    find_modules_to_save,
-    get_config,
-    inject,
-    layer_summary,
-    unwrap_base_model,
-)
-from melora.adapters.layer import MELoRALinear, is_adaptable, linear_dims
-from melora.adapters.methods import adapter_layers
+from melora.adapters.base import adapter_layers, config_from_dict, find_modules_to_save, is_adaptable, linear_dims
+from melora.adapters.inject import get_config, inject, layer_summaries, method_of, unwrap_base_model
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
-SAVED_PREFIX = "modules_to_save."
 FORMAT_VERSION = 1
 
 
@@ -56,36 +47,11 @@ def base_model_name(model: nn.Module) -> str | None:
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """Every tensor an adapter consists of, keyed as in ``adapter_model.safetensors``."""
-    config = get_config(model)
-    if isinstance(config, AdaLoRAConfig):
-        # Full-size factors with the pruned singular values zero in lora_E; PEFT's
-        # own state dict resizes them by a rank pattern that exists only at the end.
-        return {k: v for k, v in model.state_dict().items() if _is_adalora_key(k)}
-    tensors = {}
-    for name, layer in adapter_layers(model).items():
-        if layer.merged:
-            raise ValueError(f"layer '{name}' is merged; unmerge() before saving the adapter")
-        for pname, p in layer.adapter_parameters().items():
-            tensors[f"{name}.{pname}"] = p
-        if isinstance(config, DeltaLoRAConfig):
-            tensors[f"{name}.base_layer.weight"] = layer.base_layer.weight
-    for module_name in find_modules_to_save(model, config):
-        for pname, p in model.get_submodule(module_name).named_parameters():
-            tensors[f"{SAVED_PREFIX}{module_name}.{pname}"] = p
-    return tensors
-
-
-def _is_adalora_key(key: str) -> bool:
-    return any(f".{part}." in key for part in ("lora_A", "lora_B", "lora_E", "ranknum", "modules_to_save"))
+    return method_of(model).state_tensors(model)
 
 
 def _target_layers(model: nn.Module) -> list[dict]:
-    out = []
-    for name, module in unwrap_base_model(model).named_modules():
-        layer = layer_summary(name, module)
-        if layer is not None:
-            out.append({"name": name, "d_in": layer.d_in, "d_out": layer.d_out})
-    return out
+    return [{"name": s.name, "d_in": s.d_in, "d_out": s.d_out} for s in layer_summaries(model)]
 
 
 def save_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
@@ -174,11 +140,13 @@ def export_peft_lora(model: nn.Module, directory: str | os.PathLike) -> Path:
     then reproduces the model's outputs, and any LoRA serving stack can serve it.
     """
     config = get_config(model)
-    if not isinstance(config, MELoRAConfig) or isinstance(config, DeltaLoRAConfig):
-        raise ValueError(f"export_peft_lora supports methods 'melora' and 'lora', not '{config.method}'")
-    layers = adapter_layers(model, MELoRALinear)
-    ranks = {layer.equivalent_rank for layer in layers.values()}
-    scales = {layer.scaling for layer in layers.values()}
+    method = method_of(model)
+    layers = adapter_layers(model)
+    factors = {name: method.lora_factors(layer) for name, layer in layers.items()}
+    if not factors or any(f is None for f in factors.values()):
+        raise ValueError(f"export_peft_lora needs an update that is exactly a LoRA (e.g. methods 'melora', 'lora'), not '{config.method}'")
+    ranks = {A.shape[0] for A, _, _ in factors.values()}
+    scales = {s for _, _, s in factors.values()}
     if len(ranks) != 1 or len(scales) != 1:
         raise ValueError(f"layers disagree on rank {ranks} or scaling {scales}; PEFT needs one of each")
     rank, scale = ranks.pop(), scales.pop()
@@ -187,8 +155,9 @@ def export_peft_lora(model: nn.Module, directory: str | os.PathLike) -> Path:
     for name, layer in layers.items():
         if layer.merged:
             raise ValueError(f"layer '{name}' is merged; unmerge() before exporting")
-        tensors[f"base_model.model.{name}.lora_A.weight"] = torch.block_diag(*layer.lora_A.detach())
-        tensors[f"base_model.model.{name}.lora_B.weight"] = torch.block_diag(*layer.lora_B.detach())
+        A, B, _ = factors[name]
+        tensors[f"base_model.model.{name}.lora_A.weight"] = A
+        tensors[f"base_model.model.{name}.lora_B.weight"] = B
     saved = find_modules_to_save(model, config)
     for module_name in saved:
         for pname, p in model.get_submodule(module_name).named_parameters():
@@ -199,7 +168,7 @@ def export_peft_lora(model: nn.Module, directory: str | os.PathLike) -> Path:
         "base_model_name_or_path": base_model_name(model),
         "r": rank,
         "lora_alpha": scale * rank,
-        "lora_dropout": config.dropout,
+        "lora_dropout": getattr(config, "dropout", 0.0),
         "target_modules": sorted(layers),
         "modules_to_save": saved or None,
         "fan_in_fan_out": fan_in_fan_out == {True},

@@ -40,14 +40,7 @@ from datasets import ClassLabel, Dataset, DatasetDict, Features, Value
 
 from melora.data.cache import default_cache_dir, file_sha256, stable_hash, tokenizer_fingerprint
 from melora.data.errors import DataFormatError
-from melora.data.glue_tasks import (
-    GLUE_TASKS,
-    HUB_DATASET,
-    NOT_IN_OFFLINE_FOLDER,
-    GlueTask,
-    get_task,
-    main_metric,
-)
+from melora.data.glue_tasks import GLUE_TASKS, HUB_DATASET, NOT_IN_OFFLINE_FOLDER, GlueTask, get_task, main_metric
 from melora.data.paths import DATA_DIR_ENV, resolve_data_dir
 
 __all__ = [

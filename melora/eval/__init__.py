@@ -19,24 +19,12 @@ generation, log-likelihoods), ``fewshot`` (fitting shots into the context),
 """
 
 from melora.eval.bbh import build_bbh_prompt, evaluate_bbh, extract_bbh_answer
-from melora.eval.data import (
-    load_bbh,
-    load_drop,
-    load_humaneval,
-    load_mmlu,
-    resolve_data_dir,
-    subsample,
-)
+from melora.eval.data import load_bbh, load_drop, load_humaneval, load_mmlu, resolve_data_dir, subsample
 from melora.eval.drop import build_drop_prompt, drop_em_f1, drop_metrics, evaluate_drop
 from melora.eval.fewshot import fit_shots
 from melora.eval.generation import generate_batch
 from melora.eval.harness import TASKS, evaluate_all
-from melora.eval.humaneval import (
-    build_humaneval_prompt,
-    evaluate_humaneval,
-    postprocess_completion,
-    score_completions,
-)
+from melora.eval.humaneval import build_humaneval_prompt, evaluate_humaneval, postprocess_completion, score_completions
 from melora.eval.mmlu import build_mmlu_prompt, evaluate_mmlu, extract_choice
 from melora.eval.sandbox import check_correctness, run_in_sandbox
 

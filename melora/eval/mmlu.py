@@ -33,12 +33,7 @@ from typing import Any
 
 from melora.eval.data import MMLU_HUB, describe_source, load_mmlu, subsample
 from melora.eval.fewshot import fit_shots, input_budget, summarize_shots
-from melora.eval.generation import (
-    continuation_ids,
-    continuation_logprobs,
-    generate_batch,
-    next_token_logprobs,
-)
+from melora.eval.generation import continuation_ids, continuation_logprobs, generate_batch, next_token_logprobs
 from melora.eval.results import make_result, mean
 
 CHOICES = ("A", "B", "C", "D")

@@ -10,19 +10,15 @@ need). ``load_records`` and ``run_spectra`` read such a folder like a runs folde
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 from typing import Callable
 
-from melora.report.records import EVAL_RECORD, load_records, setting_of
+from melora.report.records import EVAL_RECORD, load_records, method_config_of
 from melora.report.spectra import SPECTRA_FILE, has_adapter, run_spectra
 from melora.train.records import RECORD_FILE, atomic_write_json
 
 COPIED = (RECORD_FILE, "config.yaml", EVAL_RECORD)
-# Figure 3's methods: their adapter's ΔW is the whole update (Delta-LoRA also moves W;
-# AdaLoRA's PEFT layers are not melora layers).
-SPECTRA_METHODS = ("lora", "melora")
 # Singular values at or below this are the SVD's round-off (ΔW has rank ≤ n·r): not stored.
 ZERO = 1e-10
 
@@ -65,7 +61,7 @@ def export_runs(runs: str | Path, out: str | Path, log: Callable[[str], None] = 
         target = out / source.relative_to(runs)
         unchanged = (target / RECORD_FILE).is_file() and (target / RECORD_FILE).read_bytes() == (source / RECORD_FILE).read_bytes()
         _copy_files(source, target)
-        wants_spectra = record.get("kind") == "glue" and setting_of(record).method in SPECTRA_METHODS and has_adapter(record)
+        wants_spectra = record.get("kind") == "glue" and getattr(method_config_of(record), "has_spectra", False) and has_adapter(record)
         if wants_spectra and not (unchanged and (target / SPECTRA_FILE).is_file()):
             atomic_write_json(target / SPECTRA_FILE, spectra_json(record))
         count += 1

@@ -17,13 +17,13 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FixedLocator, NullLocator
 
 from melora.report.paper import GLUE_LABELS, METRIC_NAMES, spec_tasks
-from melora.report.records import completed, lora_family, scope
+from melora.report.records import completed, label_of, lora_family, scope
 from melora.report.spectra import BaseModelFactory, has_spectra, mean_counts, run_spectra
 from melora.report.stats import Cell
 
-FIGURE3_BASELINE = "lora_r8"
+FIGURE3_BASELINE = "LoRA r=8"
 # Same equivalent rank as LoRA r=8 with n× fewer parameters, then LoRA r=8's parameters with n× the rank.
-FIGURE3_SETTINGS = ("melora_n2_r4", "melora_n4_r2", "melora_n8_r1", "melora_n2_r8", "melora_n4_r8", "melora_n8_r8")
+FIGURE3_SETTINGS = ("MELoRA n=2 r=4", "MELoRA n=4 r=2", "MELoRA n=8 r=1", "MELoRA n=2 r=8", "MELoRA n=4 r=8", "MELoRA n=8 r=8")
 
 
 def _new_figure(panels: int, ncols: int, width: float = 4.0, height: float = 3.2) -> tuple[Figure, list]:
@@ -115,11 +115,6 @@ def figure5(records: list[dict], tasks: list[str] | None = None, model: str | No
     return plot_sweep(records, tasks, "r", (1, 2), _title("Figure 5: effect of r at fixed n", records, model, profile))
 
 
-def _setting_name(tag: str) -> str:
-    family = tag.removeprefix("melora_n").split("_r")
-    return f"MELoRA {family[0]}×{family[1]}" if tag.startswith("melora_n") else tag
-
-
 def figure3(records: list[dict], tasks: list[str] | None = None, model: str | None = None, profile: str | None = None,
             threshold: float = 0.1, base_model: BaseModelFactory | None = None,
             settings: tuple[str, ...] = FIGURE3_SETTINGS, baseline: str = FIGURE3_BASELINE,
@@ -135,24 +130,24 @@ def figure3(records: list[dict], tasks: list[str] | None = None, model: str | No
     usable = [r for r in records if completed(r) and r.get("task") in tasks and has_spectra(r)]
     cache = {} if cache is None else cache
 
-    def counts(task: str, tag: str) -> dict[str, dict[int, float]]:
-        runs = [r for r in usable if r["task"] == task and r.get("method_tag") == tag]
+    def counts(task: str, setting: str) -> dict[str, dict[int, float]]:
+        runs = [r for r in usable if r["task"] == task and label_of(r) == setting]
         for r in runs:
             if r["run_dir"] not in cache:
                 cache[r["run_dir"]] = run_spectra(r, threshold, base_model)
         return mean_counts([cache[r["run_dir"]] for r in runs], threshold)
 
-    panels = [(task, tag) for task in tasks for tag in settings if any(r["task"] == task and r.get("method_tag") == tag for r in usable)]
+    panels = [(task, setting) for task in tasks for setting in settings if any(r["task"] == task and label_of(r) == setting for r in usable)]
     if not panels:
         return None
     fig, axes = _new_figure(len(panels), ncols=3)
     styles = {0: "-", 1: "--", 2: ":"}
-    for ax, (task, tag) in zip(axes, panels):
-        for color, (name, data) in zip(("tab:blue", "tab:orange"), (("LoRA r=8", counts(task, baseline)), (_setting_name(tag), counts(task, tag)))):
+    for ax, (task, setting) in zip(axes, panels):
+        for color, (name, data) in zip(("tab:blue", "tab:orange"), (("LoRA r=8", counts(task, baseline)), (setting, counts(task, setting)))):
             for i, (kind, per_layer) in enumerate(sorted(data.items())):
                 xs = sorted(per_layer)
                 ax.plot(xs, [per_layer[x] for x in xs], styles.get(i, "-."), color=color, marker="o", markersize=3, label=f"{name} ({kind})")
-        ax.set_title(f"{GLUE_LABELS.get(task, task)}: {_setting_name(tag)} vs LoRA r=8")
+        ax.set_title(f"{GLUE_LABELS.get(task, task)}: {setting} vs LoRA r=8")
         ax.set_xlabel("layer")
         ax.set_ylabel(f"# singular values > {threshold:g}")
         ax.grid(alpha=0.3)

@@ -129,9 +129,14 @@ def _finish(name: str, title: str, columns: list[Column], specs: list[RowSpec], 
 
 
 def _melora_n_rows(r: int, ns: tuple[int, ...]) -> list[RowSpec]:
-    tags = tuple(f"melora_n{n}_r{r}" for n in ns)
-    best = RowSpec(f"MELoRA r={r} (best n)", tags, pick="per_column", pick_names={t: f"n={n}" for t, n in zip(tags, ns)})
-    return [best] + [RowSpec(f"MELoRA n={n} r={r}", (t,)) for n, t in zip(ns, tags)]
+    settings = tuple(f"MELoRA n={n} r={r}" for n in ns)
+    best = RowSpec(f"MELoRA r={r} (best n)", settings, pick="per_column", pick_names={t: f"n={n}" for t, n in zip(settings, ns)})
+    return [best] + [RowSpec(t, (t,)) for t in settings]
+
+
+def _one(label: str, group: str = "") -> RowSpec:
+    """A row of one setting, named by its label (``label_of``)."""
+    return RowSpec(label, (label,), group=group)
 
 
 def table2(records: list[dict], model: str | None = None, profile: str | None = None) -> Table:
@@ -141,10 +146,10 @@ def table2(records: list[dict], model: str | None = None, profile: str | None = 
     columns = [glue_column(t) for t in tasks]
     r8, r1 = _melora_n_rows(8, (2, 4, 8)), _melora_n_rows(1, (2, 4, 8))
     specs = [
-        RowSpec("LoRA r=8", ("lora_r8",)),
-        RowSpec("DyLoRA r=8", ("dylora_r8",)),
-        RowSpec("AdaLoRA r=8", ("adalora_r8",)),
-        RowSpec("Delta-LoRA r=8", ("delta_lora_r8",)),
+        _one("LoRA r=8"),
+        _one("DyLoRA r=8"),
+        _one("AdaLoRA r=8"),
+        _one("Delta-LoRA r=8"),
         r8[0], r1[0], *r8[1:], *r1[1:],
     ]
     title = f"Table 2: GLUE dev results, {model or 'no runs'} (paper: RoBERTa-base)"
@@ -159,8 +164,7 @@ def table4(records: list[dict], model: str | None = None, profile: str | None = 
     columns = [glue_column(t) for t in tasks]
     specs = []
     for rank in (4, 8, 16):
-        specs += [RowSpec(f"LoRA r={rank}", (f"lora_r{rank}",), group=f"R={rank}"),
-                  RowSpec(f"MELoRA n=2 r={rank // 2}", (f"melora_n2_r{rank // 2}",), group=f"R={rank}")]
+        specs += [_one(f"LoRA r={rank}", group=f"R={rank}"), _one(f"MELoRA n=2 r={rank // 2}", group=f"R={rank}")]
     title = f"Table 4: GLUE dev results at equivalent rank R, {model or 'no runs'} (paper: RoBERTa-base)"
     return _finish("table4", title, columns, specs, records, _metric_note(records, tasks),
                    ["R: equivalent rank n·r. MELoRA n=2 has half of LoRA's trainable parameters at the same R."])
@@ -186,14 +190,14 @@ def table3(records: list[dict], model: str | None = None, profile: str | None = 
     """Table 3: INSTRUCTEVAL, LoRA r in {8..256} against MELoRA r=1, n in {8..64}; best of each by dev loss."""
     records, model, profile = scope(records, "instruct", model, profile)
     lora_r, melora_n = (8, 16, 32, 64, 128, 256), (8, 16, 32, 64)
-    lora_tags = tuple(f"lora_r{r}" for r in lora_r)
-    melora_tags = tuple(f"melora_n{n}_r1" for n in melora_n)
+    lora_settings = tuple(f"LoRA r={r}" for r in lora_r)
+    melora_settings = tuple(f"MELoRA n={n} r=1" for n in melora_n)
     specs = [
         BASE_ROW,
-        RowSpec("LoRA (best r by dev loss)", lora_tags, pick="overall", by=DEV_LOSS, pick_names={t: f"r={r}" for t, r in zip(lora_tags, lora_r)}),
-        RowSpec("MELoRA r=1 (best n by dev loss)", melora_tags, pick="overall", by=DEV_LOSS, pick_names={t: f"n={n}" for t, n in zip(melora_tags, melora_n)}),
-        *[RowSpec(f"LoRA r={r}", (t,)) for r, t in zip(lora_r, lora_tags)],
-        *[RowSpec(f"MELoRA n={n} r=1", (t,)) for n, t in zip(melora_n, melora_tags)],
+        RowSpec("LoRA (best r by dev loss)", lora_settings, pick="overall", by=DEV_LOSS, pick_names={t: f"r={r}" for t, r in zip(lora_settings, lora_r)}),
+        RowSpec("MELoRA r=1 (best n by dev loss)", melora_settings, pick="overall", by=DEV_LOSS, pick_names={t: f"n={n}" for t, n in zip(melora_settings, melora_n)}),
+        *[_one(t) for t in lora_settings],
+        *[_one(t) for t in melora_settings],
     ]
     title = f"Table 3: INSTRUCTEVAL after Alpaca instruction tuning, {model or 'no runs'} (paper: LLaMA-2-7B)"
     return _finish("table3", title, instruct_columns(), specs, records, _instruct_note(),
@@ -206,8 +210,7 @@ def table5(records: list[dict], model: str | None = None, profile: str | None = 
     records, model, profile = scope(records, "instruct", model, profile)
     specs = [BASE_ROW]
     for rank in (16, 32, 64):
-        specs += [RowSpec(f"LoRA r={rank}", (f"lora_r{rank}",), group=f"R={rank}"),
-                  RowSpec(f"MELoRA n=2 r={rank // 2}", (f"melora_n2_r{rank // 2}",), group=f"R={rank}")]
+        specs += [_one(f"LoRA r={rank}", group=f"R={rank}"), _one(f"MELoRA n=2 r={rank // 2}", group=f"R={rank}")]
     title = f"Table 5: INSTRUCTEVAL at equivalent rank R, {model or 'no runs'} (paper: LLaMA-2-7B)"
     return _finish("table5", title, instruct_columns(), specs, records, _instruct_note(),
                    ["R: equivalent rank n·r; MELoRA n=2, r=R/2 (Table 4's design: MELORA.md does not give the paper's setting).",
@@ -218,7 +221,7 @@ def demo(records: list[dict], model: str | None = None, profile: str | None = No
     """``make demo``: LoRA r=8 against MELoRA with its parameters (n=2, r=8) and 8× fewer (n=8, r=1)."""
     records, model, profile = scope(records, "glue", model, profile)
     tasks = _glue_tasks("demo", records, profile)
-    specs = [RowSpec("LoRA r=8", ("lora_r8",)), RowSpec("MELoRA n=2 r=8", ("melora_n2_r8",)), RowSpec("MELoRA n=8 r=1", ("melora_n8_r1",))]
+    specs = [_one("LoRA r=8"), _one("MELoRA n=2 r=8"), _one("MELoRA n=8 r=1")]
     title = f"Demo (a slice of Table 2): GLUE dev results, {model or 'no runs'}"
     return _finish("demo", title, [glue_column(t) for t in tasks], specs, records, _metric_note(records, tasks),
                    ["MELoRA n=2 r=8 has LoRA r=8's trainable parameters; n=8 r=1 has 8× fewer. The full n sweep: make table2."])

@@ -21,27 +21,23 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass, field
 
+from melora.adapters import config_from_dict
 from melora.report.paper import GLUE_LABELS, GLUE_ORDER
 from melora.report.records import selection_of
 from melora.report.stats import Cell, PairedDifference, paired_difference
 
 REFERENCE = "LoRA r=8"
 ROW_ORDER = ("LoRA r=8", "DyLoRA r=8", "AdaLoRA r=8", "Delta-LoRA r=8", "MELoRA r=8", "MELoRA r=1")
-_NAMES = {"lora": "LoRA", "dylora": "DyLoRA", "adalora": "AdaLoRA", "delta_lora": "Delta-LoRA", "melora": "MELoRA"}
 
 
 def row_of(method_config: dict) -> str:
     """The Table 2 row of a method config: method and rank per (mini) LoRA, e.g. ``"MELoRA r=1"``."""
-    method = method_config["method"]
-    rank = method_config.get("target_r") if method == "adalora" else method_config.get("r")
-    scaling = method_config.get("scaling", "per_mini")
-    # Another scaling convention is another method (the scaling study), not another setting to pick from.
-    return f"{_NAMES.get(method, method)} r={rank}" + (f" ({scaling})" if scaling != "per_mini" else "")
+    return config_from_dict(method_config).row_name()
 
 
 def setting_of(method_config: dict) -> str:
-    """What a row chooses among: ``"n=8"`` for MELoRA, the row itself otherwise."""
-    return f"n={method_config['n']}" if method_config["method"] == "melora" else "-"
+    """What a row chooses among: ``"n=8"`` for MELoRA, ``"-"`` for a row of one setting."""
+    return config_from_dict(method_config).choice_name()
 
 
 @dataclass

@@ -14,9 +14,9 @@ from __future__ import annotations
 import datetime as dt
 import json
 import statistics
-from dataclasses import dataclass
 from pathlib import Path
 
+from melora.adapters import AdapterConfig, MELoRAConfig, config_from_dict
 from melora.train.records import iter_records
 
 EVAL_RECORD = "eval_record.json"
@@ -104,26 +104,34 @@ def base_model_record(evaluation: dict, training_records: list[dict]) -> dict:
     }
 
 
-@dataclass(frozen=True)
-class Setting:
-    """An adapter setting: method, mini-LoRA count ``n`` (1 for LoRA) and rank ``r``."""
+def method_config_of(record: dict) -> AdapterConfig | None:
+    """The run's adapter config, rebuilt from its record (``None`` for a base model or a record without one)."""
+    cfg = record.get("method_config")
+    if not cfg or cfg.get("method") == BASE_TAG:
+        return None
+    return config_from_dict(cfg)
 
-    method: str
-    n: int
-    r: int | None
 
+def label_of(record: dict) -> str | None:
+    """The setting a run belongs to, from its method config: ``"MELoRA n=8 r=1"``, ``"LoRA r=8"``, ``"base"``.
 
-def setting_of(record: dict) -> Setting:
-    cfg = record.get("method_config", {})
-    method = cfg.get("method", record.get("method"))
-    r = cfg.get("r", cfg.get("target_r"))
-    return Setting(method=method, n=int(cfg.get("n", 1)), r=None if r is None else int(r))
+    Tables and figures group runs by it; the ``method_tag`` is only a folder name.
+    """
+    if (record.get("method_config") or {}).get("method") == BASE_TAG:
+        return BASE_TAG
+    config = method_config_of(record)
+    return None if config is None else config.label()
 
 
 def lora_family(record: dict) -> tuple[int, int] | None:
-    """``(n, r)`` for LoRA (n = 1) and MELoRA runs, ``None`` for the other baselines."""
-    s = setting_of(record)
-    return (s.n, s.r) if s.method in ("lora", "melora") else None
+    """``(n, r)`` of a LoRA (n = 1) or MELoRA run at the default scaling (``per_mini``); ``None`` otherwise.
+
+    Figures 4 and 5 are about MELoRA's own two knobs, so they take MELoRA's configs only.
+    """
+    config = method_config_of(record)
+    if not isinstance(config, MELoRAConfig) or config.scaling != "per_mini":
+        return None
+    return config.n, config.r
 
 
 def completed(record: dict) -> bool:

@@ -1,6 +1,6 @@
 """Tables as data: which runs each row and column take, and the aggregation over seeds.
 
-A table is a list of ``RowSpec`` (which method settings, by ``method_tag``) times a
+A table is a list of ``RowSpec`` (which method settings, by the label of each record's method config) times a
 list of ``Column`` (which records belong to the column and which number to take).
 Each cell is the mean ± std over seeds of the completed runs that match both.
 A row may choose among several settings, as the paper does for MELoRA's ``n``:
@@ -22,7 +22,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Callable
 
-from melora.report.records import completed, hardware, run_date, run_name
+from melora.report.records import completed, hardware, label_of, run_date, run_name
 from melora.report.stats import Cell
 
 
@@ -59,15 +59,16 @@ class RowSpec:
 
     Attributes:
         label: Row name.
-        tags: Candidate ``method_tag`` values, in tie-break order.
-        pick: ``"single"`` (``tags[0]``), ``"per_column"`` or ``"overall"``.
+        settings: Candidate settings, by ``label_of`` (from each record's
+            method config, e.g. ``"MELoRA n=8 r=1"``), in tie-break order.
+        pick: ``"single"`` (``settings[0]``), ``"per_column"`` or ``"overall"``.
         by: The selection column for ``"overall"``.
         pick_names: Short names of the candidates shown next to a pick (``"n=4"``).
         group: Section label (Table 4's equivalent rank), ``""`` for none.
     """
 
     label: str
-    tags: tuple[str, ...]
+    settings: tuple[str, ...]
     pick: str = "single"
     by: Column | None = None
     pick_names: dict[str, str] = field(default_factory=dict)
@@ -112,12 +113,13 @@ class Table:
         return any(r.spec.group for r in self.rows)
 
 
-def _values(records: list[dict], tags: set[str], columns: list[Column]):
-    """``(tag, column key) → [(seed, value)]`` over completed runs, and the runs left out."""
+def _values(records: list[dict], settings: set[str], columns: list[Column]):
+    """``(setting, column key) → [(seed, value)]`` over completed runs, and the runs left out."""
     values: dict[tuple[str, str], list[tuple[int, float]]] = defaultdict(list)
     excluded, used = [], []
     for record in records:
-        if record.get("method_tag") not in tags:
+        setting = label_of(record)
+        if setting not in settings:
             continue
         cols = [c for c in columns if c.matches(record)]
         if not cols:
@@ -133,7 +135,7 @@ def _values(records: list[dict], tags: set[str], columns: list[Column]):
             if value is None:
                 missing.append(col.label)
             else:
-                values[(record["method_tag"], col.key)].append((record.get("seed"), float(value)))
+                values[(setting, col.key)].append((record.get("seed"), float(value)))
         if missing:
             why = f" ({record['eval_note']})" if record.get("eval_note") else ""
             excluded.append(f"{run_name(record)}: completed, but has no {', '.join(missing)} value{why} [{record.get('run_dir', '')}]")
@@ -147,12 +149,12 @@ def _cell(pairs: list[tuple[int, float]], pick: str | None = None) -> Cell:
     return Cell(values=[v for _, v in pairs], seeds=[s for s, _ in pairs], pick=pick)
 
 
-def _best(candidates: dict[str, Cell], tags: tuple[str, ...], higher_is_better: bool) -> str | None:
-    scored = [(tag, candidates[tag].mean) for tag in tags if tag in candidates and candidates[tag].n]
+def _best(candidates: dict[str, Cell], settings: tuple[str, ...], higher_is_better: bool) -> str | None:
+    scored = [(name, candidates[name].mean) for name in settings if name in candidates and candidates[name].n]
     if not scored:
         return None
     sign = 1 if higher_is_better else -1
-    # max() keeps the first of equals: ties go to the earlier tag (e.g. the smaller n).
+    # max() keeps the first of equals: ties go to the earlier setting (e.g. the smaller n).
     return max(scored, key=lambda tv: sign * tv[1])[0]
 
 
@@ -160,29 +162,29 @@ def build_rows(records: list[dict], specs: list[RowSpec], columns: list[Column])
     """Aggregate ``records`` into rows; returns ``(rows, excluded, used records)``."""
     criteria = [s.by for s in specs if s.by is not None and s.by.key not in {c.key for c in columns}]
     all_columns = columns + list({c.key: c for c in criteria}.values())
-    tags = {t for s in specs for t in s.tags}
-    values, excluded, used = _values(records, tags, all_columns)
+    settings = {t for s in specs for t in s.settings}
+    values, excluded, used = _values(records, settings, all_columns)
     params: dict[str, set[int]] = defaultdict(set)
     for record in used:
         if record.get("adapter_params") is not None:
-            params[record["method_tag"]].add(int(record["adapter_params"]))
+            params[label_of(record)].add(int(record["adapter_params"]))
 
     rows = []
     for spec in specs:
         cells, chosen, pick = {}, set(), None
         if spec.pick == "overall":
-            by = {t: _cell(values.get((t, spec.by.key), [])) for t in spec.tags}
-            pick = _best(by, spec.tags, spec.by.higher_is_better)
+            by = {t: _cell(values.get((t, spec.by.key), [])) for t in spec.settings}
+            pick = _best(by, spec.settings, spec.by.higher_is_better)
         for col in columns:
             if spec.pick == "per_column":
-                candidates = {t: _cell(values.get((t, col.key), [])) for t in spec.tags}
-                tag = _best(candidates, spec.tags, col.higher_is_better)
-                cell = _cell(values.get((tag, col.key), []), pick=tag) if tag else Cell()
+                candidates = {t: _cell(values.get((t, col.key), [])) for t in spec.settings}
+                setting = _best(candidates, spec.settings, col.higher_is_better)
+                cell = _cell(values.get((setting, col.key), []), pick=setting) if setting else Cell()
             else:
-                tag = pick if spec.pick == "overall" else spec.tags[0]
-                cell = _cell(values.get((tag, col.key), [])) if tag else Cell()
+                setting = pick if spec.pick == "overall" else spec.settings[0]
+                cell = _cell(values.get((setting, col.key), [])) if setting else Cell()
             if cell.n:
-                chosen.add(tag)
+                chosen.add(setting)
             cells[col.key] = cell
         averaged = [cells[c.key].mean for c in columns if c.in_average]
         average = sum(averaged) / len(averaged) if averaged and all(m is not None for m in averaged) else None

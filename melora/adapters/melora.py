@@ -1,4 +1,4 @@
-"""The MELoRA layer: ``n`` mini LoRAs on the block diagonal of a frozen linear.
+"""MELoRA (Ren et al., ACL 2024) and LoRA (Hu et al. 2021), its ``n = 1`` case.
 
 ::
 
@@ -15,101 +15,117 @@ The mini LoRAs are stored packed, ``lora_A: (n, r, d_in/n)`` and
 ``lora_B: (n, d_out/n, r)``, and run as two batched matrix products over a
 strided ``(n, T, ·)`` view, so the adapter costs ``r·(d_in + d_out)``
 multiply-adds per token; the dense ``ΔW`` is built only for merging and
-analysis. ``n = 1`` is exactly LoRA.
+analysis.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from melora.adapters.config import scaling_factor
+from melora.adapters.base import AdapterConfig, AdapterLayer, AdapterMethod, _meta, check_dropout, check_positive_int, register
 
-try:  # GPT-2 style layers store the weight transposed, (d_in, d_out).
-    from transformers.pytorch_utils import Conv1D
-except ImportError:  # pragma: no cover - transformers is a core dependency
-    Conv1D = ()
+SCALINGS = ("per_mini", "equivalent", "rslora")
+INITS = ("kaiming", "gaussian")
 
 
-def linear_dims(layer: nn.Module) -> tuple[int, int]:
-    """``(d_in, d_out)`` of an ``nn.Linear`` or transformers ``Conv1D``."""
-    if isinstance(layer, nn.Linear):
-        return layer.in_features, layer.out_features
-    if Conv1D and isinstance(layer, Conv1D):
-        return layer.weight.shape[0], layer.weight.shape[1]
-    raise TypeError(f"expected nn.Linear or transformers Conv1D, got {type(layer).__name__}")
+@dataclass
+class MELoRAConfig(AdapterConfig):
+    """MELoRA: ``n`` mini LoRAs of rank ``r`` on the block diagonal.
 
+    ``ΔW = s · blockdiag(B_1..B_n) · blockdiag(A_1..A_n)`` has rank ``n·r`` and
+    ``(d_in + d_out)·r`` trainable parameters per layer. ``n = 1`` is LoRA.
 
-def is_adaptable(layer: nn.Module) -> bool:
-    return isinstance(layer, nn.Linear) or bool(Conv1D and isinstance(layer, Conv1D))
-
-
-class AdapterLayer(nn.Module):
-    """Base class of every adapter wrapper: a frozen ``base_layer`` plus a delta.
-
-    Subclasses implement ``delta_weight()`` (the dense update in ``W``'s
-    ``(d_out, d_in)`` layout) and the adapter forward; merging is shared.
+    Attributes:
+        n: Number of mini LoRAs; must divide ``d_in`` and ``d_out`` of every
+            target layer.
+        r: Rank of each mini LoRA (equivalent rank ``n·r``).
+        alpha: Scaling numerator.
+        dropout: Dropout on the adapter input.
+        scaling: ``"per_mini"``: ``s = alpha / r`` (the official implementation
+            gives each mini LoRA ``alpha / r``; default); ``"equivalent"``:
+            ``alpha / (n·r)``, LoRA's convention at the equivalent rank;
+            ``"rslora"``: ``alpha / sqrt(r)`` (Kalajdzievski 2023).
+        init: ``"kaiming"`` (Kaiming-uniform ``A_i`` with ``a = sqrt(5)``, as
+            loralib and PEFT) or ``"gaussian"`` (``A_i ~ N(0, 1/r²)``, PEFT's
+            ``init_lora_weights="gaussian"``). ``B_i`` is always zero.
     """
 
-    adapter_param_names: tuple[str, ...] = ()
+    method: ClassVar[str] = "melora"
+    display_name: ClassVar[str] = "MELoRA"
+    has_spectra: ClassVar[bool] = True
 
-    def __init__(self, base_layer: nn.Module) -> None:
-        super().__init__()
-        self.d_in, self.d_out = linear_dims(base_layer)
-        self.base_layer = base_layer
-        # Conv1D keeps W as (d_in, d_out): merging must transpose ΔW.
-        self.fan_in_fan_out = not isinstance(base_layer, nn.Linear)
-        self.merged = False
-        for p in base_layer.parameters():
-            p.requires_grad_(False)
+    n: int = field(default=8, metadata=_meta("number of mini LoRAs"))
+    r: int = field(default=1, metadata=_meta("rank of each mini LoRA"))
+    alpha: float = field(default=16.0, metadata=_meta("scaling numerator"))
+    dropout: float = field(default=0.05, metadata=_meta("dropout on the adapter input"))
+    scaling: str = field(default="per_mini", metadata=_meta("per_mini: alpha/r | equivalent: alpha/(n r) | rslora: alpha/sqrt(r)"))
+    init: str = field(default="kaiming", metadata=_meta("kaiming | gaussian (A); B is zero"))
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_positive_int("n", self.n)
+        check_positive_int("r", self.r)
+        check_dropout(self.dropout)
+        if self.scaling not in SCALINGS:
+            raise ValueError(f"scaling={self.scaling!r} is unknown; choose one of {SCALINGS}")
+        if self.init not in INITS:
+            raise ValueError(f"init={self.init!r} is unknown; choose one of {INITS}")
 
     @property
-    def weight(self) -> torch.Tensor:
-        """The base weight, so code that reads ``layer.weight`` keeps working."""
-        return self.base_layer.weight
+    def equivalent_rank(self) -> int:
+        return self.n * self.r
 
-    def delta_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @property
+    def scale(self) -> float:
+        """The factor ``s`` multiplying ``ΔW``."""
+        return scaling_factor(self.alpha, self.n, self.r, self.scaling)
 
-    def _delta_in_weight_layout(self) -> torch.Tensor:
-        delta = self.delta_weight()
-        return delta.T if self.fan_in_fan_out else delta
+    @property
+    def blocks(self) -> int:
+        return self.n
 
-    @torch.no_grad()
-    def merge(self, safe_merge: bool = False) -> None:
-        """Add ``ΔW`` into the base weight; a no-op if already merged.
+    def row_name(self) -> str:
+        # Another scaling convention is another method (the scaling study), not a setting to pick among.
+        variant = f" ({self.scaling})" if self.scaling != "per_mini" else ""
+        return f"{self.display_name} r={self.r}{variant}"
 
-        Args:
-            safe_merge: Compute the merged weight out of place first and refuse
-                (``ValueError``) if it holds NaN or Inf, leaving ``W`` untouched.
-        """
-        if self.merged:
-            return
-        weight = self.base_layer.weight
-        delta = self._delta_in_weight_layout()
-        if safe_merge:
-            merged = weight.float() + delta
-            if not torch.isfinite(merged).all():
-                raise ValueError("refusing to merge: W + ΔW holds NaN/Inf; the adapter weights are broken")
-            weight.copy_(merged.to(weight.dtype))
-        else:
-            weight.add_(delta.to(weight.dtype))
-        self.merged = True
+    def choice_name(self) -> str:
+        return f"n={self.n}"
 
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        """Subtract ``ΔW`` from the base weight; a no-op if not merged."""
-        if not self.merged:
-            return
-        weight = self.base_layer.weight
-        weight.sub_(self._delta_in_weight_layout().to(weight.dtype))
-        self.merged = False
 
-    def adapter_parameters(self) -> dict[str, nn.Parameter]:
-        return {name: getattr(self, name) for name in self.adapter_param_names}
+def scaling_factor(alpha: float, n: int, r: int, rule: str) -> float:
+    """``s`` for a MELoRA layer with ``n`` mini LoRAs of rank ``r``."""
+    if rule == "per_mini":
+        return alpha / r
+    if rule == "equivalent":
+        return alpha / (n * r)
+    if rule == "rslora":
+        return alpha / math.sqrt(r)
+    raise ValueError(f"scaling={rule!r} is unknown; choose one of {SCALINGS}")
+
+
+@dataclass
+class LoRAConfig(MELoRAConfig):
+    """LoRA (Hu et al. 2021): MELoRA with a single mini LoRA (``n = 1``)."""
+
+    method: ClassVar[str] = "lora"
+    display_name: ClassVar[str] = "LoRA"
+
+    n: int = 1
+    r: int = 8
+
+    def __post_init__(self) -> None:
+        if self.n != 1:
+            raise ValueError(f"LoRA has n=1 by definition, got n={self.n}; use MELoRAConfig for n > 1")
+        super().__post_init__()
+
+    def choice_name(self) -> str:
+        return "-"
 
 
 class MELoRALinear(AdapterLayer):
@@ -167,10 +183,6 @@ class MELoRALinear(AdapterLayer):
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.reset_parameters(init)
 
-    @property
-    def equivalent_rank(self) -> int:
-        return self.n * self.r
-
     @torch.no_grad()
     def reset_parameters(self, init: str = "kaiming") -> None:
         """LoRA's initialisation, per mini LoRA: random ``A_i``, zero ``B_i``."""
@@ -224,3 +236,24 @@ class MELoRALinear(AdapterLayer):
             f"d_in={self.d_in}, d_out={self.d_out}, n={self.n}, r={self.r}, "
             f"equivalent_rank={self.equivalent_rank}, scaling={self.scaling:g}"
         )
+
+
+@register
+class MELoRAMethod(AdapterMethod):
+    """MELoRA needs no training hooks; its update is a LoRA of rank ``n·r``."""
+
+    config_class = MELoRAConfig
+    config: MELoRAConfig
+
+    def make_layer(self, base_layer: nn.Module, name: str) -> MELoRALinear:
+        c = self.config
+        return MELoRALinear(base_layer, c.n, c.r, c.alpha, c.dropout, c.scaling, c.init, name=name)
+
+    def lora_factors(self, layer: MELoRALinear) -> tuple[torch.Tensor, torch.Tensor, float]:
+        # ΔW = s·blockdiag(B_i)·blockdiag(A_i): a LoRA of rank n·r whose factors are zero off the diagonal.
+        return torch.block_diag(*layer.lora_A.detach()), torch.block_diag(*layer.lora_B.detach()), layer.scaling
+
+
+@register
+class LoRAMethod(MELoRAMethod):
+    config_class = LoRAConfig
