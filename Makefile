@@ -107,6 +107,12 @@ bench-train: $(VENV)/.installed ## Training throughput + optimiser memory, MELoR
 .PHONY: bench
 bench: bench-layer bench-train ## Both benchmarks
 
+# CHECK_PAPER_ARGS, e.g. "--only glue --tasks mrpc" or "--extra trainer.mixed_precision=bf16" (scripts/check_paper.py --help).
+CHECK_PAPER_ARGS ?=
+.PHONY: check-paper
+check-paper: $(VENV)/.installed ## Every paper configuration, 2 steps on random-weight roberta-base / LLaMA-2-7B-layer folders (offline CPU, ~15 min)
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) scripts/check_paper.py $(CHECK_PAPER_ARGS)
+
 .PHONY: clean
 clean: ## Remove caches (keeps .venv and runs/)
 	rm -rf .pytest_cache **/__pycache__
