@@ -1,4 +1,10 @@
-"""Glue between Hydra configs and the library: adapter configs, run folders, seeding."""
+"""The run scaffold shared by every training entry point, and the glue between Hydra configs and the library.
+
+``train_run(cfg, kind, task)`` is one run: config → data → model → method →
+trainer → record. The entry points (``melora.glue``, ``melora.instruct``) give
+it a ``RunTask``: how to load their data and model, how to evaluate, and the
+record fields only they know.
+"""
 
 from __future__ import annotations
 
@@ -6,13 +12,20 @@ import functools
 import logging
 import os
 import sys
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
 
 from omegaconf import DictConfig, OmegaConf
 
 from melora.adapters.base import AdapterConfig, config_class
 from melora.train.records import config_hash, move_aside, read_record
 from melora.train.trainer import TrainerConfig
+
+if TYPE_CHECKING:
+    from torch import nn
+    from torch.utils.data import Dataset
 
 log = logging.getLogger(__name__)
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -126,3 +139,124 @@ def cli_errors(main):
             raise SystemExit(1) from None
 
     return wrapper
+
+
+@dataclass
+class RunData:
+    """What a task's data gives the scaffold.
+
+    Attributes:
+        train: Map-style training set of feature dicts.
+        collate: Builds a batch from a list of features.
+        evaluate: ``evaluate(model, accelerator) -> metrics``, every epoch (or ``eval_every``).
+        main_metric: The metric that picks the best checkpoint.
+        record: Record fields about the data (sizes, selection split, …).
+        batching: The trainer's batching strategy (``melora.train.batching``); ``None``: its default.
+        eval_data: Whatever ``RunTask.prepare`` needs of the evaluation data.
+    """
+
+    train: Dataset
+    collate: Callable
+    evaluate: Callable
+    main_metric: str
+    record: dict[str, Any] = field(default_factory=dict)
+    batching: Callable | None = None
+    eval_data: Any = None
+
+
+@dataclass
+class RunTask:
+    """What differs between GLUE and instruction tuning; everything else is ``train_run``.
+
+    Attributes:
+        kind: The record's ``kind`` (``"glue"``, ``"instruct"``).
+        data: ``data(cfg, tokenizer, trainer_config) -> RunData``.
+        model: ``model(cfg) -> nn.Module``, the base model (the seed is set before).
+        prepare: ``prepare(model, data, existing_record) -> record fields``, after
+            injection (e.g. adapters to fp32, the dev loss before training).
+        record: Record fields from the config alone, after the method's.
+    """
+
+    kind: str
+    data: Callable[[DictConfig, Any, TrainerConfig], RunData]
+    model: Callable[[DictConfig], "nn.Module"]
+    prepare: Callable[["nn.Module", RunData, dict | None], dict] | None = None
+    record: Callable[[DictConfig], dict] | None = None
+
+
+def train_run(cfg: DictConfig, task: RunTask) -> dict:
+    """Train one run of ``cfg`` in ``cfg.run_dir`` and return its record (``record.json``).
+
+    A completed run is skipped (its record returned); an unfinished one resumes
+    from its checkpoint (``resume=true``). The seed is set before the data is
+    loaded and again before the model is built, so the initialisation depends
+    on the seed only.
+
+    Raises:
+        ValueError: ``run_dir`` holds another config, or an unfinished run with ``resume=false``.
+    """
+    from accelerate.utils import set_seed
+
+    from melora.adapters.base import get_method
+    from melora.adapters.inject import inject
+    from melora.models import load_tokenizer
+    from melora.train.loggers import make_logger
+    from melora.train.records import atomic_write_text
+    from melora.train.trainer import Trainer, total_optimizer_steps
+
+    run_dir = Path(cfg.run_dir)
+    config = resolved(cfg)
+    existing = check_run_dir(run_dir, config)
+    if existing is not None and existing.get("status") == "completed":
+        log.info("%s is already complete (best %s = %s); skipping", run_dir, cfg.task.metric, existing.get("best_metric"))
+        return existing
+    if existing is not None and not cfg.resume:
+        raise ValueError(f"{run_dir} holds an unfinished run and resume=false; remove it or set resume=true")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+
+    set_seed(cfg.seed)
+    started = time.time()
+    tokenizer = load_tokenizer(cfg.model)
+    tcfg = trainer_config(cfg)
+    data = task.data(cfg, tokenizer, tcfg)
+    acfg = adapter_config(cfg.method, total_optimizer_steps(len(data.train), tcfg))
+
+    set_seed(cfg.seed)  # the head and A init depend on the seed only, not on data loading
+    model = inject(task.model(cfg), acfg, seed=cfg.seed)
+    prepared = task.prepare(model, data, existing) if task.prepare else {}
+    name = f"{cfg.task.name}/{cfg.model.name}/{cfg.method.tag}/seed{cfg.seed}"
+    record = {
+        "name": name,
+        "kind": task.kind,
+        "profile": cfg.profile.name,
+        "task": cfg.task.name,
+        "metric": cfg.task.metric,
+        "model": cfg.model.name,
+        "model_name_or_path": cfg.model.name_or_path,
+        "method_tag": cfg.method.tag,
+        "method_config": acfg.to_dict(),
+        "seed": cfg.seed,
+        **(task.record(cfg) if task.record else {}),
+        **data.record,
+        **prepared,
+        "config": config,
+        "config_hash": config_hash(config),
+        "started_at": started,
+    }
+    trainer = Trainer(
+        model=model,
+        method=get_method(acfg, seed=cfg.seed),
+        train_dataset=data.train,
+        collate_fn=data.collate,
+        evaluate=data.evaluate,
+        main_metric=data.main_metric,
+        config=tcfg,
+        run_dir=run_dir,
+        record=record,
+        seed=cfg.seed,
+        resume=cfg.resume,
+        logger=make_logger(OmegaConf.to_container(cfg.logger, resolve=True), run_dir, config, name),
+        batching=data.batching,
+    )
+    return trainer.fit()

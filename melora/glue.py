@@ -13,21 +13,13 @@ Hydra entry point. Each run writes to its folder::
 from __future__ import annotations
 
 import logging
-import time
-from pathlib import Path
 
 import hydra
 import torch
-from accelerate.utils import set_seed
 from omegaconf import DictConfig, OmegaConf
 
-from melora.adapters.base import get_method
-from melora.adapters.inject import inject
-from melora.experiment import adapter_config, check_run_dir, cli_errors, resolved, trainer_config
-from melora.train.loggers import make_logger
-from melora.train.records import atomic_write_text, config_hash
+from melora.experiment import RunData, RunTask, cli_errors, train_run
 from melora.train.runlock import exclusive_run
-from melora.train.trainer import Trainer, total_optimizer_steps
 
 log = logging.getLogger(__name__)
 
@@ -103,71 +95,37 @@ def make_glue_evaluator(task: str, eval_sets: dict, collate_fn, batch_size: int)
     return evaluate
 
 
+def glue_data(cfg: DictConfig, tokenizer, tcfg) -> RunData:
+    """The task's training subset, its eval splits and evaluator, and where the best epoch is chosen."""
+    from melora.data.glue import glue_collator
+
+    train_set, eval_sets, selection = prepare_glue_data(cfg, tokenizer)
+    collate = glue_collator(tokenizer)
+    return RunData(
+        train=train_set,
+        collate=collate,
+        evaluate=make_glue_evaluator(cfg.task.name, eval_sets, collate, batch_size=max(64, tcfg.batch_size)),
+        main_metric=selection_metric(cfg),
+        record={"eval_sizes": {s: len(d) for s, d in eval_sets.items()}, "selection": selection, "selection_metric": selection_metric(cfg)},
+    )
+
+
+def glue_model(cfg: DictConfig):
+    """The pretrained encoder with a fresh head for the task (classification or regression)."""
+    from melora.data.glue_tasks import get_task
+    from melora.models import load_sequence_classifier
+
+    spec = get_task(cfg.task.name)
+    return load_sequence_classifier(cfg.model, spec.num_labels, "regression" if spec.is_regression else "single_label_classification")
+
+
+GLUE = RunTask(kind="glue", data=glue_data, model=glue_model)
+
+
 @exclusive_run  # one process per run folder: another one skips it
 def train_glue(cfg: DictConfig) -> dict:
     """Fine-tune ``cfg.model`` with ``cfg.method`` on ``cfg.task``; returns the record."""
-    from melora.data.glue import glue_collator
-    from melora.data.glue_tasks import get_task
-    from melora.models import load_sequence_classifier, load_tokenizer
-
-    run_dir = Path(cfg.run_dir)
-    config = resolved(cfg)
-    existing = check_run_dir(run_dir, config)
-    if existing is not None and existing.get("status") == "completed":
-        log.info("%s is already complete (best %s = %s); skipping", run_dir, cfg.task.metric, existing.get("best_metric"))
-        return existing
-    if existing is not None and not cfg.resume:
-        raise ValueError(f"{run_dir} holds an unfinished run and resume=false; remove it or set resume=true")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-
-    set_seed(cfg.seed)
-    spec = get_task(cfg.task.name)
-    started = time.time()
-    tokenizer = load_tokenizer(cfg.model)
-    train_set, eval_sets, selection = prepare_glue_data(cfg, tokenizer)
-    tcfg = trainer_config(cfg)
-    total_steps = total_optimizer_steps(len(train_set), tcfg)
-    acfg = adapter_config(cfg.method, total_steps)
-
-    set_seed(cfg.seed)  # the head and A init depend on the seed only, not on data loading
-    model = load_sequence_classifier(cfg.model, spec.num_labels, "regression" if spec.is_regression else "single_label_classification")
-    model = inject(model, acfg, seed=cfg.seed)
-    collate = glue_collator(tokenizer)
-    name = f"{cfg.task.name}/{cfg.model.name}/{cfg.method.tag}/seed{cfg.seed}"
-    record = {
-        "name": name,
-        "kind": "glue",
-        "profile": cfg.profile.name,
-        "task": cfg.task.name,
-        "metric": cfg.task.metric,
-        "model": cfg.model.name,
-        "model_name_or_path": cfg.model.name_or_path,
-        "method_tag": cfg.method.tag,
-        "method_config": acfg.to_dict(),
-        "seed": cfg.seed,
-        "eval_sizes": {s: len(d) for s, d in eval_sets.items()},
-        "selection": selection,
-        "selection_metric": selection_metric(cfg),
-        "config": config,
-        "config_hash": config_hash(config),
-        "started_at": started,
-    }
-    trainer = Trainer(
-        model=model,
-        method=get_method(acfg, seed=cfg.seed),
-        train_dataset=train_set,
-        collate_fn=collate,
-        evaluate=make_glue_evaluator(cfg.task.name, eval_sets, collate, batch_size=max(64, tcfg.batch_size)),
-        main_metric=selection_metric(cfg),
-        config=tcfg,
-        run_dir=run_dir,
-        record=record,
-        seed=cfg.seed,
-        resume=cfg.resume,
-        logger=make_logger(OmegaConf.to_container(cfg.logger, resolve=True), run_dir, config, name),
-    )
-    return trainer.fit()
+    return train_run(cfg, GLUE)
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="config")

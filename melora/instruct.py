@@ -15,99 +15,33 @@ adapter with the lowest dev loss kept. The loss covers the response tokens only
     adapter/               adapter with the lowest dev loss (evaluate it with melora.instructeval)
     checkpoint/            last checkpoint, for resume
 
-Length grouping with the shared :class:`~melora.train.trainer.Trainer`: the
-trainer shuffles dataset *items* with its own sampler, so the examples are
-grouped into micro-batches beforehand (:class:`MicroBatches`, one item = one
-micro-batch of similar-length examples) and the trainer counts batches in
-micro-batches. The grouping is drawn once per run (the order of the
-micro-batches still changes every epoch); the record's batch sizes are
-reported in examples.
+Length grouping: the micro-batches are drawn once per run
+(``melora.train.batching.length_grouped_batches``, windows of
+``MEGABATCH_FACTOR`` micro-batches sorted by length) and the trainer visits
+them in a new order every epoch (``FixedBatches``).
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import time
-from collections.abc import Callable, Sequence
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import hydra
 import torch
-from accelerate.utils import set_seed
-from omegaconf import DictConfig, OmegaConf
-from torch.utils.data import Dataset
+from omegaconf import DictConfig
 
-from melora.adapters.base import get_method
-from melora.adapters.inject import inject
-from melora.experiment import adapter_config, check_run_dir, cli_errors, resolved, trainer_config
-from melora.train.loggers import make_logger
-from melora.train.records import RECORD_FILE, atomic_write_json, atomic_write_text, config_hash
+from melora.experiment import RunData, RunTask, cli_errors, train_run
+from melora.train.batching import FixedBatches, length_grouped_batches, padding_fraction
 from melora.train.runlock import exclusive_run
-from melora.train.trainer import Trainer, TrainerConfig, total_optimizer_steps
+from melora.train.trainer import TrainerConfig
 
 log = logging.getLogger(__name__)
 
 # Examples sorted together when grouping by length (as transformers' LengthGroupedSampler).
 MEGABATCH_FACTOR = 50
 IGNORE_INDEX = -100
-
-
-class MicroBatches(Dataset):
-    """Tokenised examples grouped into fixed micro-batches; item ``i`` is micro-batch ``i``.
-
-    With ``group_by_length`` the examples are shuffled (``seed``), cut into
-    mega-batches of ``MEGABATCH_FACTOR × micro_batch_size`` examples, each
-    sorted by decreasing length and cut into micro-batches, so a micro-batch
-    holds examples of similar length and pads little; otherwise consecutive
-    examples of the shuffled order form a micro-batch. The last micro-batch
-    may be smaller.
-
-    Args:
-        dataset: Tokenised data (``input_ids``, ``attention_mask``, ``labels``), ``N`` rows.
-        micro_batch_size: Examples per micro-batch ``b``.
-        group_by_length: Group by length (see above).
-        seed: Shuffling seed.
-        shuffle: ``False``: keep the dataset order (then sort it by length
-            when grouping); for evaluation sets.
-
-    Shapes:
-        ``len(self) = ceil(N / b)``; ``self[i]`` is a list of ``≤ b`` feature dicts.
-    """
-
-    def __init__(self, dataset: Any, micro_batch_size: int, group_by_length: bool = True, seed: int = 0, shuffle: bool = True) -> None:
-        if micro_batch_size < 1:
-            raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
-        self.dataset = dataset
-        self.micro_batch_size = micro_batch_size
-        self.lengths = [len(ids) for ids in dataset["input_ids"]]
-        order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed)).tolist() if shuffle else list(range(len(dataset)))
-        if group_by_length:
-            size = MEGABATCH_FACTOR * micro_batch_size if shuffle else len(order)
-            order = [i for start in range(0, len(order), size) for i in sorted(order[start : start + size], key=lambda j: -self.lengths[j])]
-        self.batches = [order[s : s + micro_batch_size] for s in range(0, len(order), micro_batch_size)]
-
-    def __len__(self) -> int:
-        return len(self.batches)
-
-    def __getitem__(self, index: int) -> list[dict]:
-        return [self.dataset[i] for i in self.batches[index]]
-
-    def padding_fraction(self) -> float:
-        """Share of the padded ``(b, max length)`` token grid that is padding."""
-        real = sum(self.lengths)
-        padded = sum(len(b) * max(self.lengths[i] for i in b) for b in self.batches)
-        return 1.0 - real / max(padded, 1)
-
-
-def flatten_collator(collate: Callable[[Sequence[dict]], dict]) -> Callable[[Sequence[list[dict]]], dict]:
-    """A collate function over :class:`MicroBatches` items: concatenates the items, then ``collate``."""
-
-    def collate_items(items: Sequence[list[dict]]) -> dict:
-        return collate([feature for item in items for feature in item])
-
-    return collate_items
 
 
 def prepare_alpaca_data(cfg: DictConfig, tokenizer) -> tuple[Any, Any]:
@@ -160,7 +94,12 @@ def token_losses(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     return loss.double(), (labels != IGNORE_INDEX).sum().double()
 
 
-def make_dev_loss_evaluator(dev: MicroBatches, collate_fn: Callable) -> Callable:
+def dev_batches(dev, batch_size: int) -> list[list[int]]:
+    """The dev set's micro-batches: the examples sorted by length once (the loss does not depend on the order)."""
+    return length_grouped_batches([len(ids) for ids in dev["input_ids"]], batch_size, window=len(dev), seed=None)
+
+
+def make_dev_loss_evaluator(dev, batches: list[list[int]], collate_fn: Callable) -> Callable:
     """``evaluate(model, accelerator) -> {"dev_loss", "dev_ppl", "dev_tokens"}``.
 
     ``dev_loss`` is the mean cross-entropy per scored token over the whole dev
@@ -172,7 +111,7 @@ def make_dev_loss_evaluator(dev: MicroBatches, collate_fn: Callable) -> Callable
 
     def evaluate(model, accelerator) -> dict[str, float]:
         if "loader" not in state:
-            state["loader"] = accelerator.prepare(DataLoader(dev, batch_size=1, collate_fn=collate_fn))
+            state["loader"] = accelerator.prepare(DataLoader(dev, batch_sampler=batches, collate_fn=collate_fn))
         total = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
         for batch in state["loader"]:
             loss_sum, n_tokens = token_losses(model, batch)
@@ -186,13 +125,13 @@ def make_dev_loss_evaluator(dev: MicroBatches, collate_fn: Callable) -> Callable
 
 
 @torch.no_grad()
-def dev_loss_of(model, dev: MicroBatches, collate_fn: Callable, device: torch.device | str) -> float:
+def dev_loss_of(model, dev, batches: list[list[int]], collate_fn: Callable, device: torch.device | str) -> float:
     """Token-weighted dev loss of ``model`` in this process alone (no accelerate), e.g. before training."""
     was_training = model.training
     model.eval()
     total = torch.zeros(2, dtype=torch.float64)
-    for index in range(len(dev)):
-        batch = {k: v.to(device) for k, v in collate_fn([dev[index]]).items()}
+    for batch_indices in batches:
+        batch = {k: v.to(device) for k, v in collate_fn([dev[i] for i in batch_indices]).items()}
         total += torch.stack(token_losses(model, batch)).cpu()
     model.train(was_training)
     return (total[0] / total[1].clamp(min=1)).item()
@@ -235,121 +174,66 @@ def upcast_trainable(model: torch.nn.Module) -> int:
     return cast
 
 
-def micro_batch_trainer_config(tcfg: TrainerConfig, micro_batch_size: int) -> TrainerConfig:
-    """``tcfg`` in units of :class:`MicroBatches` items (one item per process per forward).
+def alpaca_data(cfg: DictConfig, tokenizer, tcfg: TrainerConfig) -> RunData:
+    """Alpaca's training and dev sets, the micro-batches, and the dev-loss evaluator."""
+    from melora.data.alpaca import CausalLMCollator
 
-    Raises:
-        ValueError: the global batch is not a multiple of the micro-batch.
-    """
-    if tcfg.batch_size % micro_batch_size:
-        raise ValueError(
-            f"task.batch_size={tcfg.batch_size} is not a multiple of the micro-batch {micro_batch_size} "
-            "(trainer.per_device_batch_size / task.micro_batch_size)"
-        )
-    from dataclasses import replace
+    train_set, dev_set = prepare_alpaca_data(cfg, tokenizer)
+    lengths = [len(ids) for ids in train_set["input_ids"]]
+    micro = tcfg.per_device_batch_size or tcfg.batch_size
+    # Which examples share a micro-batch depends on the run's seed, as with transformers' sampler.
+    batches = length_grouped_batches(lengths, micro, MEGABATCH_FACTOR * micro, seed=cfg.seed, group_by_length=cfg.task.group_by_length)
+    dev = dev_batches(dev_set, cfg.task.eval_batch_size)
+    collate = CausalLMCollator.from_tokenizer(tokenizer)
+    return RunData(
+        train=train_set,
+        collate=collate,
+        evaluate=make_dev_loss_evaluator(dev_set, dev, collate),
+        main_metric=cfg.task.metric,
+        record={
+            "dataset": cfg.task.dataset,
+            "dev_size": len(dev_set),
+            "eval_sizes": {"validation": len(dev_set)},
+            "cutoff_len": cfg.task.cutoff_len,
+            "train_on_inputs": cfg.task.train_on_inputs,
+            "group_by_length": cfg.task.group_by_length,
+            "micro_batches_per_epoch": len(batches),
+            "padding_fraction": padding_fraction(batches, lengths),
+            "train_tokens": sum(lengths),
+        },
+        batching=lambda per_device: FixedBatches(batches, seed=cfg.seed),
+        eval_data=(dev_set, dev),
+    )
 
-    return replace(tcfg, batch_size=tcfg.batch_size // micro_batch_size, per_device_batch_size=1)
+
+def prepare_instruct_model(model, data: RunData, existing: dict | None) -> dict:
+    """Adapters in fp32 over a bf16/fp16 base, and the dev loss before training (the reference to beat)."""
+    upcast_trainable(model)
+    if existing is not None and existing.get("dev_loss_at_start") is not None:
+        return {"dev_loss_at_start": existing["dev_loss_at_start"]}
+    from accelerate import PartialState
+
+    device = PartialState().device
+    dev_set, batches = data.eval_data
+    # B = 0, so ΔW = 0: this is the base model's dev loss.
+    return {"dev_loss_at_start": dev_loss_of(model.to(device), dev_set, batches, data.collate, device)}
+
+
+def instruct_record(cfg: DictConfig) -> dict:
+    return {
+        "greater_is_better": False,
+        "model_dtype": cfg.model.dtype,
+        "gradient_checkpointing": bool(cfg.model.get("gradient_checkpointing", False)),
+    }
+
+
+INSTRUCT = RunTask(kind="instruct", data=alpaca_data, model=load_instruct_model, prepare=prepare_instruct_model, record=instruct_record)
 
 
 @exclusive_run  # one process per run folder: another one skips it
 def train_instruct(cfg: DictConfig) -> dict:
     """Fine-tune ``cfg.model`` with ``cfg.method`` on ``cfg.task`` (Alpaca); returns the record."""
-    from melora.data.alpaca import CausalLMCollator
-    from melora.models import load_tokenizer
-
-    run_dir = Path(cfg.run_dir)
-    config = resolved(cfg)
-    existing = check_run_dir(run_dir, config)
-    if existing is not None and existing.get("status") == "completed":
-        log.info("%s is already complete (best %s = %s); skipping", run_dir, cfg.task.metric, existing.get("best_metric"))
-        return existing
-    if existing is not None and not cfg.resume:
-        raise ValueError(f"{run_dir} holds an unfinished run and resume=false; remove it or set resume=true")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-
-    set_seed(cfg.seed)
-    started = time.time()
-    cpu_start = time.process_time()
-    tokenizer = load_tokenizer(cfg.model)
-    train_set, dev_set = prepare_alpaca_data(cfg, tokenizer)
-    tcfg = trainer_config(cfg)
-    micro = tcfg.per_device_batch_size or tcfg.batch_size
-    # Which examples share a micro-batch depends on the run's seed, as with transformers' sampler.
-    train_batches = MicroBatches(train_set, micro, cfg.task.group_by_length, seed=cfg.seed)
-    dev_batches = MicroBatches(dev_set, cfg.task.eval_batch_size, group_by_length=True, shuffle=False)
-    item_cfg = micro_batch_trainer_config(tcfg, micro)
-    total_steps = total_optimizer_steps(len(train_batches), item_cfg)
-    acfg = adapter_config(cfg.method, total_steps)
-
-    set_seed(cfg.seed)  # the A init depends on the seed only, not on data loading
-    model = load_instruct_model(cfg)
-    model = inject(model, acfg, seed=cfg.seed)
-    upcast_trainable(model)
-    collate = flatten_collator(CausalLMCollator.from_tokenizer(tokenizer))
-    # The base model's dev loss (B = 0, so ΔW = 0): the reference the training must beat.
-    if existing is not None and existing.get("dev_loss_at_start") is not None:
-        start_loss = existing["dev_loss_at_start"]
-    else:
-        from accelerate import PartialState
-
-        device = PartialState().device
-        start_loss = dev_loss_of(model.to(device), dev_batches, collate, device)
-    name = f"{cfg.task.name}/{cfg.model.name}/{cfg.method.tag}/seed{cfg.seed}"
-    record = {
-        "name": name,
-        "kind": "instruct",
-        "profile": cfg.profile.name,
-        "task": cfg.task.name,
-        "metric": cfg.task.metric,
-        "greater_is_better": False,
-        "model": cfg.model.name,
-        "model_name_or_path": cfg.model.name_or_path,
-        "model_dtype": cfg.model.dtype,
-        "gradient_checkpointing": bool(cfg.model.get("gradient_checkpointing", False)),
-        "method_tag": cfg.method.tag,
-        "method_config": acfg.to_dict(),
-        "seed": cfg.seed,
-        "dataset": cfg.task.dataset,
-        "dev_size": len(dev_set),
-        "eval_sizes": {"validation": len(dev_set)},
-        "dev_loss_at_start": start_loss,
-        "cutoff_len": cfg.task.cutoff_len,
-        "train_on_inputs": cfg.task.train_on_inputs,
-        "group_by_length": cfg.task.group_by_length,
-        "micro_batches_per_epoch": len(train_batches),
-        "padding_fraction": train_batches.padding_fraction(),
-        "train_tokens": sum(train_batches.lengths),
-        "config": config,
-        "config_hash": config_hash(config),
-        "started_at": started,
-    }
-    trainer = Trainer(
-        model=model,
-        method=get_method(acfg, seed=cfg.seed),
-        train_dataset=train_batches,
-        collate_fn=collate,
-        evaluate=make_dev_loss_evaluator(dev_batches, collate),
-        main_metric=cfg.task.metric,
-        config=item_cfg,
-        run_dir=run_dir,
-        record=record,
-        seed=cfg.seed,
-        resume=cfg.resume,
-        logger=make_logger(OmegaConf.to_container(cfg.logger, resolve=True), run_dir, config, name),
-    )
-    record = trainer.fit()
-    # The trainer counts micro-batches; the record states batch sizes in examples.
-    processes = record.get("num_processes", 1)
-    record.update(global_batch_size=tcfg.batch_size, per_device_batch_size=micro, gradient_accumulation=tcfg.batch_size // (micro * processes), train_size=len(train_set))
-    # CPU seconds of all threads in this session (a resumed run counts its last session only):
-    # comparable across runs on a shared, busy machine, unlike wall time.
-    record["process_cpu_time_s"] = time.process_time() - cpu_start
-    from accelerate import PartialState
-
-    if PartialState().is_main_process:
-        atomic_write_json(run_dir / RECORD_FILE, record)
-    return record
+    return train_run(cfg, INSTRUCT)
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="instruct")

@@ -17,12 +17,14 @@ A spec (``experiments/<name>.yaml``) lists groups of runs as Hydra overrides::
           - [method=dylora, method.r=8]
 
 ``expand(spec, profile)`` gives one override list per run (the cross product of
-tasks × methods × comma lists × seeds). ``run_all`` composes each run's config,
-skips runs whose record is complete (a run is identified by its resolved
-config), and trains the rest in this process, one after another; with
-``--jobs N`` it starts N worker processes that share the missing runs, each with
-``cores / N`` threads (on a small CPU, two one-thread runs side by side get more
-done than one two-thread run).
+tasks × methods × comma lists × seeds). The runs are a Hydra multirun: the
+``spec`` sweeper (``hydra_plugins/melora_sweeper``) leaves out the runs whose
+record is complete (a run is identified by its resolved config) and hands the
+rest to Hydra's launcher: ``hydra/launcher=local`` (joblib, ``n_jobs`` worker
+processes on this machine, each with ``cores / n_jobs`` threads) or
+``hydra/launcher=slurm`` (submitit, one cluster job per run). ``python -m
+melora.sweep <spec> --profile mini --jobs 2`` is the short form, and also runs
+INSTRUCTEVAL on the adapters an instruct spec trained.
 """
 
 from __future__ import annotations
@@ -33,7 +35,6 @@ import os
 import subprocess
 import sys
 import time
-import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -105,7 +106,7 @@ def grid_lrs(spec: dict) -> list[float]:
     raise ValueError(f"spec '{spec['name']}' sweeps no task.lr=…; lr_from needs a learning-rate grid spec")
 
 
-def with_chosen_lr(spec: dict, runs: list[RunSpec], profile: str, extra: list[str] | None = None) -> list[RunSpec]:
+def with_chosen_lr(spec: dict, runs: list[RunSpec], profile: str, extra: list[str] | None = None, loader=None) -> list[RunSpec]:
     """Runs of an ``lr_from: <grid spec>`` spec, each at the lr chosen on validation from the grid's runs.
 
     A run whose (task, row, setting) grid is not complete yet (every lr at every
@@ -121,7 +122,7 @@ def with_chosen_lr(spec: dict, runs: list[RunSpec], profile: str, extra: list[st
     chosen: dict[tuple, float | None] = {}
     out, waiting, cells = [], 0, None
     for run in runs:
-        cfg = compose_run(run, extra)
+        cfg = compose_run(run, extra, loader)
         if cells is None:
             root = Path(cfg.runs_root) / profile
             cells = collect(load_records(root))[0] if root.is_dir() else {}
@@ -142,14 +143,14 @@ def with_chosen_lr(spec: dict, runs: list[RunSpec], profile: str, extra: list[st
     return out
 
 
-def expand_specs(names: list[str], profile: str, extra: list[str] | None = None) -> list[RunSpec]:
+def expand_specs(names: list[str], profile: str, extra: list[str] | None = None, loader=None) -> list[RunSpec]:
     """The runs of several specs, each distinct run once (in first-seen order)."""
     runs, seen = [], set()
     for name in names:
         spec = load_spec(name)
         spec_runs = expand(spec, profile)
         if spec.get("lr_from"):
-            spec_runs = with_chosen_lr(spec, spec_runs, profile, extra)
+            spec_runs = with_chosen_lr(spec, spec_runs, profile, extra, loader)
         for run in spec_runs:
             key = (run.entry, frozenset(run.overrides))
             if key not in seen:
@@ -158,32 +159,28 @@ def expand_specs(names: list[str], profile: str, extra: list[str] | None = None)
     return runs
 
 
-def compose_run(run: RunSpec, extra: list[str] | None = None):
-    """The resolved config of ``run``, with ``run_dir`` set from the Hydra run dir pattern."""
+def compose_run(run: RunSpec, extra: list[str] | None = None, loader=None):
+    """The resolved config of ``run``, with ``run_dir`` set from the Hydra run dir pattern.
+
+    ``loader``: the config loader of a running Hydra app (the sweeper's), which
+    cannot compose through ``hydra.initialize_config_dir``.
+    """
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
-        cfg = compose(ENTRIES[run.entry], overrides=[*run.overrides, *(extra or [])], return_hydra_config=True)
+    overrides = [*run.overrides, *(extra or [])]
+    if loader is None:
+        with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+            cfg = compose(ENTRIES[run.entry], overrides=overrides, return_hydra_config=True)
+    else:
+        from hydra.types import RunMode
+
+        cfg = loader.load_configuration(config_name=ENTRIES[run.entry], overrides=overrides, run_mode=RunMode.RUN)
     run_dir = cfg.hydra.run.dir
     OmegaConf.set_struct(cfg, False)
     del cfg["hydra"]
     cfg.run_dir = run_dir
     return cfg
-
-
-def train_run(entry: str, cfg) -> dict:
-    if entry == "glue":
-        from melora.glue import train_glue
-
-        return train_glue(cfg)
-    from melora.instruct import train_instruct
-    from melora.train.runlock import is_locked
-
-    record = train_instruct(cfg)
-    if not is_locked(record):  # another process is training it: no adapter to evaluate yet
-        evaluate_run(cfg, adapter_dir=cfg.run_dir)
-    return record
 
 
 def evaluate_run(train_cfg, adapter_dir: str | None) -> dict:
@@ -212,85 +209,6 @@ def evaluate_run(train_cfg, adapter_dir: str | None) -> dict:
     return evaluate_instruct(cfg)
 
 
-def run_all(
-    runs: list[RunSpec], extra: list[str] | None = None, keep_going: bool = True, evaluate_base: bool = True
-) -> dict[str, list[str]]:
-    """Train every run not yet complete; returns the run folders by outcome.
-
-    ``evaluate_base``: evaluate the base model before the first instruct run
-    (one worker of a parallel sweep does it). ``locked``: runs another process
-    was training (or evaluating), left to it (not done, not failed).
-    """
-    from melora.train.runlock import is_locked
-
-    outcome: dict[str, list[str]] = {"skipped": [], "completed": [], "failed": [], "locked": []}
-    base_evaluated = not evaluate_base
-    for i, run in enumerate(runs, 1):
-        cfg = compose_run(run, extra)
-        if run_completed(cfg.run_dir):
-            if run.entry == "instruct":  # a finished training may still lack its evaluation
-                evaluate_run(cfg, adapter_dir=cfg.run_dir)
-            outcome["skipped"].append(cfg.run_dir)
-            continue
-        log.info("[%d/%d] %s", i, len(runs), run)
-        print(f"[{i}/{len(runs)}] {run}", flush=True)
-        try:
-            if run.entry == "instruct" and not base_evaluated:
-                evaluate_run(cfg, adapter_dir=None)  # the base model's row of Tables 3/5
-                base_evaluated = True
-            record = train_run(run.entry, cfg)
-            outcome["locked" if is_locked(record) else "completed"].append(cfg.run_dir)
-        except Exception:  # a failed run is recorded and listed, the sweep goes on
-            traceback.print_exc()
-            outcome["failed"].append(cfg.run_dir)
-            if not keep_going:
-                raise
-    return outcome
-
-
-def pending(runs: list[RunSpec], extra: list[str] | None = None) -> dict[int, str]:
-    """Index → run folder of the runs without a completed record (instruct runs: or without their evaluation)."""
-    todo = {}
-    for i, run in enumerate(runs):
-        run_dir = compose_run(run, extra).run_dir
-        if run.entry == "instruct" or not run_completed(run_dir):
-            todo[i] = run_dir
-    return todo
-
-
-def run_parallel(args, runs: list[RunSpec]) -> int:
-    """Share the missing runs among ``args.jobs`` worker processes; returns the exit status."""
-    dirs = pending(runs, args.overrides)
-    todo = list(dirs)
-    jobs = min(args.jobs, len(todo))
-    if jobs <= 1:
-        return report(run_all([runs[i] for i in todo], args.overrides))
-    threads = max(1, (os.cpu_count() or 1) // jobs)
-    log_dir = Path(compose_run(runs[todo[0]], args.overrides).runs_root) / "logs"
-    log_dir.mkdir(parents=True, exist_ok=True)
-    workers = []
-    for k in range(jobs):
-        share = todo[k::jobs]
-        log_path = log_dir / f"{'+'.join(Path(s).stem for s in args.spec.split(','))}-{args.profile}-worker{k}.log"
-        command = [sys.executable, "-m", "melora.sweep", args.spec, "--profile", args.profile,
-                   "--only", ",".join(map(str, share)), *([] if k == 0 else ["--no-base-eval"]), *args.overrides]  # fmt: skip
-        env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-        with open(log_path, "w") as log_file:
-            workers.append(subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=env))
-        print(f"worker {k}: {len(share)} runs, {threads} thread(s), log {log_path}", flush=True)
-    done_before, start = -1, time.time()
-    while any(w.poll() is None for w in workers):
-        time.sleep(10)
-        done = sum(run_completed(d) for d in dirs.values())
-        if done != done_before:
-            print(f"[{time.time() - start:6.0f} s] {done}/{len(dirs)} runs completed", flush=True)
-            done_before = done
-    failed = [k for k, w in enumerate(workers) if w.returncode]
-    for k in failed:
-        print(f"worker {k} exited with status {workers[k].returncode}; see its log", flush=True)
-    return 1 if failed else 0
-
-
 def run_completed(run_dir: str) -> bool:
     """Whether ``run_dir`` holds a record of a finished training."""
     from melora.train.records import read_record
@@ -299,35 +217,104 @@ def run_completed(run_dir: str) -> bool:
     return record is not None and record.get("status") == "completed"
 
 
-def report(outcome: dict[str, list[str]]) -> int:
-    print({k: len(v) for k, v in outcome.items()})
-    for folder in outcome["failed"]:
-        print(f"FAILED: {folder}")
-    return 1 if outcome["failed"] else 0
+def _job_threads(sweeper) -> int | None:
+    """Threads per job of a local launcher (``cores / n_jobs``); ``None`` for cluster launchers."""
+    n_jobs = sweeper.config.hydra.launcher.get("n_jobs")
+    if sweeper.threads_per_job:
+        return sweeper.threads_per_job
+    if n_jobs is None:
+        return None
+    return max(1, (os.cpu_count() or 1) // max(1, n_jobs if n_jobs > 0 else os.cpu_count() or 1))
+
+
+def sweep_specs(sweeper, arguments: list[str]) -> list:
+    """The ``spec`` sweeper's work: expand the specs, skip complete runs, launch the rest.
+
+    Args:
+        sweeper: ``hydra_plugins.melora_sweeper.spec_sweeper.SpecSweeper`` after ``setup``.
+        arguments: The command line's overrides, added to every run.
+
+    Returns:
+        The launcher's ``JobReturn`` per launched run. Exits with status 1 after
+        the sweep if a run failed, naming each failed run's folder.
+    """
+    from hydra.core.utils import JobStatus
+
+    config, loader = sweeper.config, sweeper.hydra_context.config_loader
+    entry = next((e for e, name in ENTRIES.items() if name == config.hydra.job.config_name), None)
+    names = ",".join(Path(s).stem for s in sweeper.specs)
+    runs = expand_specs(sweeper.specs, sweeper.profile, arguments, loader=loader)
+    others = sorted({r.entry for r in runs} - {entry})
+    if others:
+        raise ValueError(f"spec(s) {names} hold runs of melora.{others[0]}, not of this entry: use python -m melora.sweep {names} --profile {sweeper.profile}")
+    todo = []
+    for run in runs:
+        run_dir = compose_run(run, arguments, loader).run_dir
+        if not run_completed(run_dir):
+            todo.append((run, run_dir))
+    print(f"{names} ({sweeper.profile}): {len(runs)} runs, {len(runs) - len(todo)} complete, {len(todo)} to run", flush=True)
+    if sweeper.list_only or not todo:
+        for run, run_dir in todo:
+            print(f"  {run}  ->  {run_dir}")
+        return []
+    threads = _job_threads(sweeper)
+    if threads:  # the launcher's worker processes read it when torch starts; this process is job 0 at n_jobs=1
+        os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(threads)
+        import torch
+
+        torch.set_num_threads(threads)
+    start = time.time()
+    results = sweeper.launcher.launch([[*run.overrides, *arguments] for run, _ in todo], initial_job_idx=0)
+    outcome: dict[str, list[str]] = {"completed": [], "locked": [], "failed": []}
+    for (run, run_dir), result in zip(todo, results):
+        if result.status == JobStatus.FAILED:
+            outcome["failed"].append(f"{run_dir}: {type(result._return_value).__name__}: {result._return_value}")
+        else:  # an entry returns normally for a completed run or for one another process holds
+            outcome["completed" if run_completed(run_dir) else "locked"].append(run_dir)
+    print(f"{names}: {', '.join(f'{len(v)} {k}' for k, v in outcome.items())} in {(time.time() - start) / 60:.1f} min", flush=True)
+    for folder in outcome["locked"]:
+        print(f"  locked (another process trains it): {folder}")
+    for line in outcome["failed"]:
+        print(f"  FAILED: {line}")
+    if outcome["failed"]:
+        raise SystemExit(1)
+    return results
 
 
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    parser = argparse.ArgumentParser(description="Run the runs an experiment spec needs (skipping complete ones).")
+    parser = argparse.ArgumentParser(description="Run the runs an experiment spec needs (skipping complete ones) as a Hydra multirun.")
     parser.add_argument("spec", help="experiments/<spec>.yaml name or a path; several: comma-separated (table2,table4)")
     parser.add_argument("--profile", default="mini", help="paper | mini | smoke")
     parser.add_argument("--list", action="store_true", help="print the runs and exit")
-    parser.add_argument("--jobs", type=int, default=1, help="worker processes sharing the runs (each gets cores/jobs threads)")
-    parser.add_argument("--only", help=argparse.SUPPRESS)  # a worker's share: comma-separated run indices
-    parser.add_argument("--no-base-eval", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--jobs", type=int, default=1, help="local worker processes (each gets cores/jobs threads)")
+    parser.add_argument("--launcher", default="local", help="hydra/launcher: local (joblib, --jobs processes) | slurm | any other")
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run (e.g. runs_root=…)")
     args = parser.parse_intermixed_args(argv)
-    runs = expand_specs(args.spec.split(","), args.profile, args.overrides)
+    names = args.spec.split(",")
     if args.list:
-        for run in runs:
+        for run in expand_specs(names, args.profile, args.overrides):
             print(run)
         return 0
-    if args.only is not None:
-        runs = [runs[int(i)] for i in args.only.split(",") if i]
-    elif args.jobs > 1:
-        return run_parallel(args, runs)
-    return report(run_all(runs, args.overrides, evaluate_base=not args.no_base_eval))
+    by_entry: dict[str, list[str]] = {}
+    for name in names:
+        by_entry.setdefault(load_spec(name)["entry"], []).append(name)
+    status = 0
+    for entry, specs in by_entry.items():
+        runs = expand_specs(specs, args.profile, args.overrides) if entry == "instruct" else []
+        if runs:  # the base model's row of Tables 3 and 5, before the adapters
+            evaluate_run(compose_run(runs[0], args.overrides), adapter_dir=None)
+        command = [sys.executable, "-m", f"melora.{entry}", "-m", "hydra/sweeper=spec", f"hydra.sweeper.specs=[{','.join(specs)}]",
+                   f"hydra.sweeper.profile={args.profile}", f"hydra/launcher={args.launcher}",
+                   *([f"hydra.launcher.n_jobs={args.jobs}"] if args.launcher == "local" else []), *args.overrides]  # fmt: skip
+        print(" ".join(command), flush=True)
+        status = subprocess.call(command, cwd=ROOT) or status
+        for run in runs:  # INSTRUCTEVAL of every trained adapter (a finished evaluation is skipped)
+            cfg = compose_run(run, args.overrides)
+            if run_completed(cfg.run_dir):
+                evaluate_run(cfg, adapter_dir=cfg.run_dir)
+    return status
 
 
 if __name__ == "__main__":

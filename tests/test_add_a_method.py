@@ -18,10 +18,10 @@ from hydra import compose, initialize_config_dir
 
 import melora
 from melora.adapters.base import METHODS, AdapterConfig, AdapterLayer, AdapterMethod, check_positive_int, register
-from melora.sweep import CONFIGS
 from melora.report.paper import glue_column
 from melora.report.records import load_records
 from melora.report.tables import RowSpec, build_rows
+from melora.sweep import CONFIGS
 
 # ---- 1. the method file: config, layer, method --------------------------------------------------
 

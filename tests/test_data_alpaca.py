@@ -21,15 +21,7 @@ import pytest
 import torch
 from datasets import Dataset
 
-from melora.data.alpaca import (
-    IGNORE_INDEX,
-    CausalLMCollator,
-    build_prompt,
-    length_grouped_sampler,
-    load_alpaca,
-    tokenize_alpaca,
-    train_dev_split,
-)
+from melora.data.alpaca import IGNORE_INDEX, CausalLMCollator, build_prompt, load_alpaca, tokenize_alpaca, train_dev_split
 from melora.data.errors import DataFormatError
 
 
@@ -391,20 +383,3 @@ def test_collator_on_tokenized_data(alpaca200, bert_tokenizer):
     lengths = [len(x) for x in tok["input_ids"]]
     assert batch["input_ids"].shape == (4, max(lengths))
     assert batch["attention_mask"].sum(dim=1).tolist() == lengths
-
-
-def test_length_grouped_sampler():
-    lengths = [(i * 37) % 101 + 1 for i in range(400)]
-    ds = Dataset.from_dict({"input_ids": [[0] * n for n in lengths]})
-    order = list(length_grouped_sampler(ds, batch_size=4, seed=0))
-    assert sorted(order) == list(range(400))
-    assert order == list(length_grouped_sampler(ds, batch_size=4, seed=0, lengths=lengths))
-    assert order != list(length_grouped_sampler(ds, batch_size=4, seed=1))
-    assert lengths[order[0]] == max(lengths)  # longest first, to fail fast on memory
-
-    def padding(idx):
-        batches = [idx[i : i + 4] for i in range(0, len(idx), 4)]
-        return sum(max(lengths[j] for j in b) * len(b) - sum(lengths[j] for j in b) for b in batches)
-
-    shuffled = torch.randperm(400, generator=torch.Generator().manual_seed(0)).tolist()
-    assert padding(order) < padding(shuffled) / 5

@@ -158,55 +158,50 @@ def test_paper_sweeps_expand_to_distinct_run_folders(sweep, tags):
 
 
 def test_micro_batches_cover_every_example_once_and_group_by_length():
-    from datasets import Dataset
-
-    from melora.instruct import MicroBatches
+    from melora.instruct import MEGABATCH_FACTOR
+    from melora.train.batching import FixedBatches, length_grouped_batches, padding_fraction
 
     g = torch.Generator().manual_seed(0)
     lengths = torch.randint(5, 200, (203,), generator=g).tolist()
-    ds = Dataset.from_dict({"input_ids": [[1] * n for n in lengths]})
-    grouped = MicroBatches(ds, 8, group_by_length=True, seed=3)
-    plain = MicroBatches(ds, 8, group_by_length=False, seed=3)
-    for mb in (grouped, plain):
-        assert len(mb) == 26 and sorted(i for b in mb.batches for i in b) == list(range(203))
-        assert [len(b) for b in mb.batches] == [8] * 25 + [3]
-    assert grouped.padding_fraction() < 0.5 * plain.padding_fraction()
-    assert MicroBatches(ds, 8, seed=3).batches == grouped.batches  # deterministic
-    assert MicroBatches(ds, 8, seed=4).batches != grouped.batches
+    window = MEGABATCH_FACTOR * 8
+    grouped = length_grouped_batches(lengths, 8, window, seed=3)
+    plain = length_grouped_batches(lengths, 8, window, seed=3, group_by_length=False)
+    for batches in (grouped, plain):
+        assert len(batches) == 26 and sorted(i for b in batches for i in b) == list(range(203))
+        assert [len(b) for b in batches] == [8] * 25 + [3]
+    assert padding_fraction(grouped, lengths) < 0.5 * padding_fraction(plain, lengths)
+    assert length_grouped_batches(lengths, 8, window, seed=3) == grouped  # deterministic
+    assert length_grouped_batches(lengths, 8, window, seed=4) != grouped
     # Within each mega-batch, lengths decrease: the longest micro-batch comes first.
-    first = [lengths[i] for b in grouped.batches[:25] for i in b][:400]
+    first = [lengths[i] for b in grouped[:25] for i in b][:400]
     assert first == sorted(first, reverse=True)
-    ordered = MicroBatches(ds, 8, group_by_length=True, shuffle=False)
-    flat = [lengths[i] for b in ordered.batches for i in b]
-    assert flat == sorted(lengths, reverse=True)
-    item = grouped[0]
-    assert isinstance(item, list) and len(item) == 8 and "input_ids" in item[0]
-
-
-def test_micro_batch_trainer_config():
-    from melora.instruct import micro_batch_trainer_config
-    from melora.train.trainer import TrainerConfig
-
-    items = micro_batch_trainer_config(TrainerConfig(batch_size=128, per_device_batch_size=8), 8)
-    assert (items.batch_size, items.per_device_batch_size) == (16, 1)
-    with pytest.raises(ValueError, match="not a multiple of the micro-batch"):
-        micro_batch_trainer_config(TrainerConfig(batch_size=100), 8)
+    ordered = length_grouped_batches(lengths, 8, len(lengths), seed=None)
+    assert [lengths[i] for b in ordered for i in b] == sorted(lengths, reverse=True)
+    # The trainer visits the same micro-batches in a new order each epoch, fixed by (seed, epoch).
+    sampler = FixedBatches(grouped, seed=0)
+    epochs = []
+    for epoch in (0, 1, 0):
+        sampler.use_epoch(epoch)
+        epochs.append(list(sampler))
+    assert sorted(epochs[0]) == sorted(grouped) and epochs[0] != epochs[1] and epochs[0] == epochs[2]
 
 
 def test_loss_is_on_response_tokens_only_through_the_training_path(tiny_model_dir, alpaca_json):
     """The batches the trainer sees score exactly the response (+ EOS) tokens."""
     from melora.data.alpaca import CausalLMCollator, build_prompt, load_alpaca
-    from melora.instruct import MicroBatches, flatten_collator, load_instruct_model, prepare_alpaca_data, token_losses
+    from melora.instruct import MEGABATCH_FACTOR, load_instruct_model, prepare_alpaca_data, token_losses
     from melora.models import load_tokenizer
+    from melora.train.batching import length_grouped_batches
 
     cfg = compose_instruct([*tiny_overrides(tiny_model_dir, alpaca_json), "run_dir=/tmp/unused"])
     tokenizer = load_tokenizer(cfg.model)
     train, dev = prepare_alpaca_data(cfg, tokenizer)
     assert (len(train), len(dev)) == (16, 4)
     by_prompt = {build_prompt(r): r["output"] for r in load_alpaca(str(alpaca_json))}
-    batches = MicroBatches(train, cfg.task.micro_batch_size, group_by_length=True, seed=0)
-    collate = flatten_collator(CausalLMCollator.from_tokenizer(tokenizer))
-    batch = collate([batches[0], batches[1]])
+    micro = cfg.task.micro_batch_size
+    batches = length_grouped_batches([len(ids) for ids in train["input_ids"]], micro, MEGABATCH_FACTOR * micro, seed=0)
+    collate = CausalLMCollator.from_tokenizer(tokenizer)
+    batch = collate([train[i] for i in batches[0] + batches[1]])
     assert batch["labels"].shape == batch["input_ids"].shape and batch["labels"].shape[0] == 2 * cfg.task.micro_batch_size
     for ids, labels, mask in zip(batch["input_ids"], batch["labels"], batch["attention_mask"]):
         scored = labels != -100
@@ -232,19 +227,19 @@ def test_loss_is_on_response_tokens_only_through_the_training_path(tiny_model_di
     # The distributed evaluator and the single-process one agree; both are token-weighted.
     from accelerate import Accelerator
 
-    from melora.instruct import dev_loss_of, make_dev_loss_evaluator
+    from melora.instruct import dev_batches, dev_loss_of, make_dev_loss_evaluator
 
-    dev_batches = MicroBatches(dev, 3, group_by_length=True, shuffle=False)
-    metrics = make_dev_loss_evaluator(dev_batches, collate)(model, Accelerator(cpu=True))
+    batches = dev_batches(dev, 3)
+    metrics = make_dev_loss_evaluator(dev, batches, collate)(model, Accelerator(cpu=True))
     per_token = []
     for example in dev:
-        single = collate([[example]])
+        single = collate([example])
         s, n = token_losses(model, single)
         per_token.append((s, n))
     expected = sum(s for s, _ in per_token) / sum(n for _, n in per_token)
     assert metrics["dev_tokens"] == sum(int(n) for _, n in per_token)
     assert metrics["dev_loss"] == pytest.approx(float(expected), rel=1e-5)
-    assert dev_loss_of(model, dev_batches, collate, "cpu") == pytest.approx(metrics["dev_loss"], rel=1e-6)
+    assert dev_loss_of(model, dev, batches, collate, "cpu") == pytest.approx(metrics["dev_loss"], rel=1e-6)
 
 
 # ---------------------------------------------------------------- training runs

@@ -139,18 +139,6 @@ def test_two_training_processes_on_one_run_one_trains_the_other_skips(tmp_path, 
     assert record["status"] == "completed" and len(record["history"]) == 2
 
 
-def test_a_sweep_counts_a_locked_run_as_locked_not_failed(tmp_path, processes):
-    from melora import sweep
-
-    run = sweep.RunSpec("glue", ["profile=smoke", *SMOKE, "seed=0"])
-    extra = [f"runs_root={tmp_path}"]
-    run_dir = sweep.compose_run(run, extra).run_dir
-    hold_lock(run_dir, processes)
-    outcome = sweep.run_all([run], extra)
-    assert outcome["locked"] == [run_dir] and outcome["failed"] == [] and outcome["completed"] == []
-    assert sweep.report(outcome) == 0
-
-
 # ---- damaged files --------------------------------------------------------------------------------
 
 

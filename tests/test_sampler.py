@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from melora.train.trainer import EpochShuffle
+from melora.train.batching import EpochShuffle
 
 
 def lengths_of(size: int, seed: int = 0) -> list[int]:

@@ -35,7 +35,6 @@ _EXPORTS = {
     "build_prompt": "melora.data.alpaca",
     "tokenize_alpaca": "melora.data.alpaca",
     "CausalLMCollator": "melora.data.alpaca",
-    "length_grouped_sampler": "melora.data.alpaca",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -47,7 +47,6 @@ __all__ = [
     "build_prompt",
     "tokenize_alpaca",
     "CausalLMCollator",
-    "length_grouped_sampler",
 ]
 
 logger = logging.getLogger(__name__)
@@ -491,35 +490,3 @@ def _pad(rows: Sequence[Sequence[int]], length: int, value: int) -> torch.Tensor
     for i, row in enumerate(rows):
         out[i, : len(row)] = torch.as_tensor(list(row), dtype=torch.long)
     return out
-
-
-def length_grouped_sampler(
-    dataset: Dataset,
-    batch_size: int,
-    seed: int = 0,
-    lengths: Sequence[int] | None = None,
-) -> torch.utils.data.Sampler[int]:
-    """Sampler putting examples of similar length in the same batch.
-
-    Wraps ``transformers``' ``LengthGroupedSampler``: a random permutation
-    (seeded) is cut into mega-batches of ``50 * batch_size`` examples, each
-    sorted by decreasing length, and the longest example is moved first so an
-    out-of-memory error shows at once. Less padding, same randomness across
-    epochs as long as the sampler's generator is not reseeded.
-
-    Args:
-        dataset (datasets.Dataset): Tokenised data with ``input_ids``.
-        batch_size (int): Per-device batch size.
-        seed (int): Seed of the sampler's generator.
-        lengths (Sequence[int] | None): Precomputed lengths (else measured
-            from ``input_ids``).
-
-    Returns:
-        torch.utils.data.Sampler[int]: Yields dataset indices.
-    """
-    from transformers.trainer_pt_utils import LengthGroupedSampler
-
-    if lengths is None:
-        lengths = [len(ids) for ids in dataset["input_ids"]]
-    generator = torch.Generator().manual_seed(seed)
-    return LengthGroupedSampler(batch_size, lengths=list(lengths), generator=generator)

@@ -15,7 +15,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from melora.adapters.base import AdapterMethod
 from melora.adapters.inject import describe, get_config
 from melora.adapters.io import save_adapter
+from melora.train.batching import EpochBatches, EpochShuffle
 from melora.train.checkpoint import apply_resume, inspect_resume, save_checkpoint
 from melora.train.loggers import NullLogger
 from melora.train.records import RECORD_FILE, atomic_write_json, device_info, git_commit, package_versions, peak_memory_mb
@@ -76,49 +77,6 @@ class TrainerConfig:
     group_by_length: bool = False
 
 
-class EpochShuffle(Sampler[int]):
-    """A random permutation that depends only on ``(seed, epoch)``: resumable and reproducible.
-
-    With ``lengths`` and ``batch_size`` the permutation is length-grouped: it is
-    cut into windows of ``GROUP_WINDOW`` micro-batches, each window is sorted by
-    length and cut into micro-batches, and the micro-batches are shuffled. Each
-    consecutive run of ``batch_size`` indices then holds examples of similar length.
-    """
-
-    GROUP_WINDOW = 50
-
-    def __init__(self, size: int, seed: int, lengths: Sequence[int] | None = None, batch_size: int | None = None) -> None:
-        if lengths is not None and (len(lengths) != size or not batch_size):
-            raise ValueError(f"length grouping needs one length per example ({size}) and a batch_size, got {len(lengths)} and {batch_size}")
-        self.size, self.seed, self.epoch = size, seed, 0
-        self.lengths = torch.as_tensor(lengths) if lengths is not None else None
-        self.batch_size = batch_size
-
-    # Not called set_epoch: accelerate's prepared loader calls set_epoch() with its
-    # own iteration counter, which restarts at 0 in a resumed run.
-    def use_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __iter__(self):
-        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        order = torch.randperm(self.size, generator=generator)
-        if self.lengths is None:
-            return iter(order.tolist())
-        batches = []
-        window = self.batch_size * self.GROUP_WINDOW
-        for chunk in order.split(window):
-            by_length = chunk[torch.argsort(self.lengths[chunk], descending=True, stable=True)]
-            batches += list(by_length.split(self.batch_size))
-        # The short last batch (if any) stays last so every other batch is full.
-        full = [b for b in batches if len(b) == self.batch_size]
-        rest = [b for b in batches if len(b) != self.batch_size]
-        shuffled = [full[i] for i in torch.randperm(len(full), generator=generator).tolist()]
-        return iter(torch.cat(shuffled + rest).tolist() if batches else [])
-
-    def __len__(self) -> int:
-        return self.size
-
-
 def resolve_mixed_precision(choice: str) -> str:
     if choice != "auto":
         return choice
@@ -150,6 +108,10 @@ class Trainer:
         method: The adapter method (``melora.get_method``) whose hooks run each step.
         train_dataset: Map-style dataset of feature dicts.
         collate_fn: Builds a batch from a list of features.
+        batching: The batching strategy, ``batching(per_device) -> batch
+            sampler`` with ``use_epoch(epoch)`` (``melora.train.batching``);
+            ``None``: a new permutation per epoch (``EpochShuffle``),
+            length-grouped if ``config.group_by_length``.
         evaluate: ``evaluate(model, accelerator) -> dict`` of metrics, called on
             every process (gather inside).
         main_metric: Key of ``evaluate``'s dict used to pick the best checkpoint.
@@ -173,6 +135,7 @@ class Trainer:
     seed: int = 0
     resume: bool = True
     logger: NullLogger = field(default_factory=NullLogger)
+    batching: Callable[[int], Sampler[list[int]]] | None = None
 
     def _accelerator(self):
         from accelerate import Accelerator
@@ -206,8 +169,11 @@ class Trainer:
         cfg, run_dir = self.config, Path(self.run_dir)
         accelerator = self._accelerator()
         is_main = accelerator.is_main_process
-        sampler = EpochShuffle(len(self.train_dataset), self.seed, *self._length_grouping())
-        loader = DataLoader(self.train_dataset, batch_size=self.per_device, sampler=sampler, collate_fn=self.collate_fn, num_workers=cfg.num_workers)
+        if self.batching is not None:
+            batches = self.batching(self.per_device)
+        else:
+            batches = EpochBatches(EpochShuffle(len(self.train_dataset), self.seed, *self._length_grouping()), self.per_device)
+        loader = DataLoader(self.train_dataset, batch_sampler=batches, collate_fn=self.collate_fn, num_workers=cfg.num_workers)
         optimizer = torch.optim.AdamW(optimizer_groups(self.model, cfg.weight_decay), lr=cfg.lr)
         model, optimizer, loader = accelerator.prepare(self.model, optimizer, loader)
         unwrapped = accelerator.unwrap_model(model)
@@ -223,6 +189,7 @@ class Trainer:
         # Not passed to accelerator.prepare: it would step once per process.
         scheduler = get_linear_schedule_with_warmup(optimizer, warmup, total_steps)
 
+        cpu_start = time.process_time()
         summary = describe(unwrapped)
         state = {"global_step": 0, "epoch": 0, "best_metric": None, "best_step": None, "best_epoch": None, "history": [], "train_time_s": 0.0, "train_samples": 0}
         if self.resume:
@@ -272,7 +239,7 @@ class Trainer:
         try:
             while state["global_step"] < total_steps:
                 epoch = state["global_step"] // steps_per_epoch
-                sampler.use_epoch(epoch)
+                batches.use_epoch(epoch)
                 done_in_epoch = state["global_step"] - epoch * steps_per_epoch
                 epoch_loader = accelerator.skip_first_batches(loader, done_in_epoch * accum) if done_in_epoch else loader
                 model.train()
@@ -332,7 +299,10 @@ class Trainer:
             raise
         bar.close()
         wall = time.time() - record["started_at"] if "started_at" in record else None
+        # CPU seconds of all threads in this session (a resumed run counts its last session only):
+        # comparable across runs on a shared, busy machine, unlike wall time.
         write_record(status="completed", **self._state_fields(state), peak_memory_mb=peak_memory_mb(), wall_time_s=wall,
+                     process_cpu_time_s=time.process_time() - cpu_start,
                      throughput_samples_per_s=state["train_samples"] / max(state["train_time_s"], 1e-9))
         self.logger.finish()
         accelerator.wait_for_everyone()
