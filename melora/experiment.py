@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from omegaconf import DictConfig, OmegaConf
 
 from melora.adapters.base import AdapterConfig, config_class
-from melora.train.records import config_hash, move_aside, read_record
+from melora.runs import config_hash, move_aside, read_record
 from melora.train.trainer import TrainerConfig
 
 if TYPE_CHECKING:
@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 PACKAGE_DIR = Path(__file__).resolve().parent
+CONFIG_DIR = PACKAGE_DIR.parent / "configs"
 
 # Hydra-only keys of a method node, not adapter hyper-parameters.
 _METHOD_META = ("name", "tag")
@@ -199,9 +200,9 @@ def train_run(cfg: DictConfig, task: RunTask) -> dict:
 
     from melora.adapters.base import get_method
     from melora.adapters.inject import inject
+    from melora.files import atomic_write_text
     from melora.models import load_tokenizer
     from melora.train.loggers import make_logger
-    from melora.train.records import atomic_write_text
     from melora.train.trainer import Trainer, total_optimizer_steps
 
     run_dir = Path(cfg.run_dir)
@@ -260,3 +261,19 @@ def train_run(cfg: DictConfig, task: RunTask) -> dict:
         batching=data.batching,
     )
     return trainer.fit()
+
+
+def entry_point(config_name: str, work: Callable[[DictConfig], dict], result: str) -> Callable[[], Any]:
+    """The Hydra ``main`` of an entry point: ``work(cfg)`` on ``configs/<config_name>.yaml`` and the command line.
+
+    A configuration error ends it in one line (``cli_errors``). It returns the
+    record's ``result`` field, the number a Hydra sweeper optimising over runs reads.
+    """
+    import hydra
+
+    @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name=config_name)
+    @cli_errors
+    def main(cfg: DictConfig) -> Any:
+        return work(cfg).get(result)
+
+    return main

@@ -14,11 +14,10 @@ from __future__ import annotations
 
 import logging
 
-import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from melora.experiment import RunData, RunTask, cli_errors, train_run
+from melora.experiment import RunData, RunTask, entry_point, train_run
 from melora.train.runlock import exclusive_run
 
 log = logging.getLogger(__name__)
@@ -128,12 +127,7 @@ def train_glue(cfg: DictConfig) -> dict:
     return train_run(cfg, GLUE)
 
 
-@hydra.main(version_base="1.3", config_path="../configs", config_name="config")
-@cli_errors  # a configuration error: one line, no traceback (HYDRA_FULL_ERROR=1: the traceback)
-def main(cfg: DictConfig) -> float | None:
-    record = train_glue(cfg)
-    return record.get("best_metric")
-
+main = entry_point("config", train_glue, result="best_metric")
 
 if __name__ == "__main__":
     main()

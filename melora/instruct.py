@@ -28,11 +28,11 @@ import math
 from collections.abc import Callable
 from typing import Any
 
-import hydra
 import torch
 from omegaconf import DictConfig
 
-from melora.experiment import RunData, RunTask, cli_errors, train_run
+from melora.data.alpaca import IGNORE_INDEX
+from melora.experiment import RunData, RunTask, entry_point, train_run
 from melora.train.batching import FixedBatches, length_grouped_batches, padding_fraction
 from melora.train.runlock import exclusive_run
 from melora.train.trainer import TrainerConfig
@@ -41,7 +41,6 @@ log = logging.getLogger(__name__)
 
 # Examples sorted together when grouping by length (as transformers' LengthGroupedSampler).
 MEGABATCH_FACTOR = 50
-IGNORE_INDEX = -100
 
 
 def prepare_alpaca_data(cfg: DictConfig, tokenizer) -> tuple[Any, Any]:
@@ -236,12 +235,7 @@ def train_instruct(cfg: DictConfig) -> dict:
     return train_run(cfg, INSTRUCT)
 
 
-@hydra.main(version_base="1.3", config_path="../configs", config_name="instruct")
-@cli_errors  # a configuration error: one line, no traceback (HYDRA_FULL_ERROR=1: the traceback)
-def main(cfg: DictConfig) -> float | None:
-    record = train_instruct(cfg)
-    return record.get("best_metric")
-
+main = entry_point("instruct", train_instruct, result="best_metric")
 
 if __name__ == "__main__":
     main()

@@ -128,10 +128,25 @@ def resolve_model_path(spec: dict, dtype: torch.dtype = torch.float32) -> str:
     raise ValueError(f"model source={source!r} is unknown; use hub, path or package")
 
 
+def _from_pretrained(loader, spec: dict, path: str, **kwargs):
+    """``loader.from_pretrained(path)``; a hub model that cannot be reached says how to run offline."""
+    try:
+        return loader.from_pretrained(path, **kwargs)
+    except OSError as err:
+        if spec.get("source", "hub") != "hub":
+            raise
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(
+            f"model '{path}' could not be loaded from the Hugging Face hub ({reason}); offline, point the model config "
+            "at a local folder with model.source=path model.name_or_path=<folder> (make check-paper builds one with the "
+            "paper models' shapes), or use an offline model config such as model=minilm or model=smollm2-135m"
+        ) from None
+
+
 def load_tokenizer(spec: dict):
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(spec))
+    tokenizer = _from_pretrained(AutoTokenizer, spec, resolve_model_path(spec))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -144,7 +159,7 @@ def load_sequence_classifier(spec: dict, num_labels: int, problem_type: str | No
     kwargs: dict[str, Any] = {"num_labels": num_labels, **dict(spec.get("config_overrides") or {})}
     if problem_type:
         kwargs["problem_type"] = problem_type
-    return AutoModelForSequenceClassification.from_pretrained(resolve_model_path(spec), **kwargs)
+    return _from_pretrained(AutoModelForSequenceClassification, spec, resolve_model_path(spec), **kwargs)
 
 
 def load_causal_lm(spec: dict):
@@ -152,7 +167,7 @@ def load_causal_lm(spec: dict):
 
     dtype = DTYPES[spec.get("dtype", "float32")]
     path = resolve_model_path(spec, dtype)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **dict(spec.get("config_overrides") or {}))
+    model = _from_pretrained(AutoModelForCausalLM, spec, path, dtype=dtype, **dict(spec.get("config_overrides") or {}))
     if model.config.pad_token_id is None and model.config.eos_token_id is not None:
         eos = model.config.eos_token_id
         model.config.pad_token_id = eos[0] if isinstance(eos, list) else eos

@@ -29,81 +29,16 @@ INSTRUCTEVAL on the adapters an instruct spec trained.
 
 from __future__ import annotations
 
-import itertools
 import logging
 import os
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
-ROOT = Path(__file__).resolve().parents[1]
-EXPERIMENTS = ROOT / "experiments"
-CONFIGS = ROOT / "configs"
-ENTRIES = {"glue": "config", "instruct": "instruct"}
+from melora.specs import CONFIGS, ENTRIES, EXPERIMENTS, ROOT, RunSpec, expand, grid_lrs, load_spec  # noqa: F401 - the spec API, re-exported
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class RunSpec:
-    entry: str
-    overrides: list[str]
-
-    def __str__(self) -> str:
-        return " ".join(self.overrides)
-
-
-def load_spec(name_or_path: str | Path) -> dict:
-    path = Path(name_or_path)
-    if not path.suffix:
-        path = EXPERIMENTS / f"{name_or_path}.yaml"
-    if not path.is_file():
-        known = sorted(p.stem for p in EXPERIMENTS.glob("*.yaml"))
-        raise FileNotFoundError(f"no experiment spec {path}; known: {known}")
-    return yaml.safe_load(path.read_text())
-
-
-def _split_sweeps(overrides: list[str]) -> list[list[str]]:
-    """``["a=1", "b=2,4"]`` → ``[["a=1", "b=2"], ["a=1", "b=4"]]``."""
-    choices = []
-    for o in overrides:
-        key, _, value = o.partition("=")
-        if "," in value and not value.startswith("["):
-            choices.append([f"{key}={v.strip()}" for v in value.split(",")])
-        else:
-            choices.append([o])
-    return [list(c) for c in itertools.product(*choices)]
-
-
-def expand(spec: dict, profile: str) -> list[RunSpec]:
-    """Every run the spec needs at ``profile``, as Hydra override lists."""
-    if profile not in spec["profiles"]:
-        raise ValueError(f"spec '{spec['name']}' has no profile '{profile}'; it has {sorted(spec['profiles'])}")
-    prof = spec["profiles"][profile]
-    base = [f"profile={profile}", *prof.get("overrides", [])]
-    runs = []
-    for group in spec["groups"]:
-        if profile not in group.get("profiles", [profile]):
-            continue
-        tasks = group.get("tasks", prof.get("tasks", [None]))
-        for task, method, seed in itertools.product(tasks, group["methods"], prof["seeds"]):
-            head = [f"task={task}"] if task else []
-            for combo in _split_sweeps([*method, *group.get("overrides", [])]):
-                runs.append(RunSpec(spec["entry"], [*base, *head, *combo, f"seed={seed}"]))
-    return runs
-
-
-def grid_lrs(spec: dict) -> list[float]:
-    """The learning rates a grid spec sweeps (its ``task.lr=a,b,c`` group override)."""
-    for group in spec["groups"]:
-        for o in group.get("overrides", []):
-            if o.startswith("task.lr="):
-                return [float(v) for v in o.partition("=")[2].split(",")]
-    raise ValueError(f"spec '{spec['name']}' sweeps no task.lr=…; lr_from needs a learning-rate grid spec")
 
 
 def with_chosen_lr(spec: dict, runs: list[RunSpec], profile: str, extra: list[str] | None = None, loader=None) -> list[RunSpec]:
@@ -159,28 +94,34 @@ def expand_specs(names: list[str], profile: str, extra: list[str] | None = None,
     return runs
 
 
-def compose_run(run: RunSpec, extra: list[str] | None = None, loader=None):
-    """The resolved config of ``run``, with ``run_dir`` set from the Hydra run dir pattern.
+def compose(config_name: str, overrides: list[str], loader=None):
+    """The resolved config ``config_name`` + ``overrides`` would run with, ``run_dir`` set from Hydra's run dir pattern.
 
     ``loader``: the config loader of a running Hydra app (the sweeper's), which
     cannot compose through ``hydra.initialize_config_dir``.
     """
-    from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    overrides = [*run.overrides, *(extra or [])]
     if loader is None:
+        from hydra import compose as hydra_compose
+        from hydra import initialize_config_dir
+
         with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
-            cfg = compose(ENTRIES[run.entry], overrides=overrides, return_hydra_config=True)
+            cfg = hydra_compose(config_name, overrides=overrides, return_hydra_config=True)
     else:
         from hydra.types import RunMode
 
-        cfg = loader.load_configuration(config_name=ENTRIES[run.entry], overrides=overrides, run_mode=RunMode.RUN)
+        cfg = loader.load_configuration(config_name=config_name, overrides=overrides, run_mode=RunMode.RUN)
     run_dir = cfg.hydra.run.dir
     OmegaConf.set_struct(cfg, False)
     del cfg["hydra"]
     cfg.run_dir = run_dir
     return cfg
+
+
+def compose_run(run: RunSpec, extra: list[str] | None = None, loader=None):
+    """The resolved config of ``run`` (plus ``extra`` overrides), with its ``run_dir``."""
+    return compose(ENTRIES[run.entry], [*run.overrides, *(extra or [])], loader)
 
 
 def evaluate_run(train_cfg, adapter_dir: str | None) -> dict:
@@ -189,9 +130,6 @@ def evaluate_run(train_cfg, adapter_dir: str | None) -> dict:
     Composed from ``configs/instructeval.yaml`` with the training run's profile,
     model and runs root; a finished evaluation is skipped by ``evaluate_instruct``.
     """
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
-
     from melora.instructeval import evaluate_instruct
 
     overrides = [
@@ -200,18 +138,12 @@ def evaluate_run(train_cfg, adapter_dir: str | None) -> dict:
         f"runs_root={train_cfg.runs_root}",
         f"adapter_dir={adapter_dir if adapter_dir else 'null'}",
     ]
-    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
-        cfg = compose("instructeval", overrides=overrides, return_hydra_config=True)
-    run_dir = cfg.hydra.run.dir
-    OmegaConf.set_struct(cfg, False)
-    del cfg["hydra"]
-    cfg.run_dir = run_dir
-    return evaluate_instruct(cfg)
+    return evaluate_instruct(compose("instructeval", overrides))
 
 
 def run_completed(run_dir: str) -> bool:
     """Whether ``run_dir`` holds a record of a finished training."""
-    from melora.train.records import read_record
+    from melora.runs import read_record
 
     record = read_record(run_dir)
     return record is not None and record.get("status") == "completed"

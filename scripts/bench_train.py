@@ -29,7 +29,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import melora  # noqa: E402
-from melora.train.records import atomic_write_text, device_info  # noqa: E402
+from melora.files import atomic_write_text
+from melora.runs import device_info  # noqa: E402
 
 
 def batches(task: str, model_spec: dict, batch_size: int, max_length: int, count: int):

@@ -6,7 +6,8 @@ import importlib.resources
 
 import pytest
 
-from melora.data.cache import default_cache_dir, file_sha256, stable_hash, tokenizer_fingerprint
+from melora.data.cache import default_cache_dir, stable_hash, tokenizer_fingerprint
+from melora.files import file_sha256
 
 
 @pytest.fixture

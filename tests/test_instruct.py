@@ -42,7 +42,7 @@ def write_alpaca(path: Path, n: int = 24) -> Path:
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """A random ``LlamaForCausalLM`` (hidden 32, 2 layers) and a byte tokenizer, saved with ``save_pretrained``."""
-    from melora.eval.toy import byte_tokenizer, tiny_llama
+    from fixtures.toy import byte_tokenizer, tiny_llama
 
     folder = tmp_path_factory.mktemp("tiny-llama")
     tiny_llama(vocab_size=262, seed=0, max_positions=1024).save_pretrained(folder)

@@ -1,7 +1,7 @@
 """INSTRUCTEVAL app (``melora.instructeval``) on saved adapters, and the real SmolLM2 smoke pipeline.
 
 The app tests train a tiny random LLaMA adapter (seconds) and evaluate it on
-the miniature benchmark files of :func:`melora.eval.toy.write_toy_data`; one
+the miniature benchmark files of :func:`fixtures.toy.write_toy_data`; one
 test runs both Hydra apps on the real SmolLM2-135M and the real data files.
 """
 
@@ -34,7 +34,7 @@ def compose_eval(overrides, hydra_config=False):
 
 @pytest.fixture(scope="module")
 def toy_root(tmp_path_factory):
-    from melora.eval.toy import write_toy_data
+    from fixtures.toy import write_toy_data
 
     return write_toy_data(tmp_path_factory.mktemp("toy-data"))
 
@@ -69,7 +69,7 @@ def read_eval(run_dir):
 
 
 def test_eval_name_and_adapter_folder(tmp_path):
-    from melora.instructeval import eval_name, resolve_adapter_dir
+    from melora.instructeval.run import eval_name, resolve_adapter_dir
 
     assert eval_name(None) == "base"
     assert eval_name("runs/mini/instruct-alpaca/smollm2-135m/lora_r8/seed0") == "lora_r8-seed0"
@@ -86,7 +86,7 @@ def test_eval_name_and_adapter_folder(tmp_path):
 
 @pytest.mark.parametrize("profile", ["paper", "mini", "smoke"])
 def test_eval_config_composes_per_profile(profile):
-    from melora.instructeval import task_settings
+    from melora.instructeval.run import task_settings
 
     cfg = compose_eval([f"profile={profile}", "adapter_dir=runs/x/lora_r8/seed0", "runs_root=/r"], hydra_config=True)
     assert cfg.hydra.run.dir == f"/r/{profile}/instructeval/smollm2-135m/lora_r8-seed0"
@@ -101,7 +101,7 @@ def test_eval_config_composes_per_profile(profile):
 
 
 def test_task_settings_layers():
-    from melora.instructeval import task_settings
+    from melora.instructeval.run import task_settings
 
     cfg = compose_eval(["profile=mini", "eval.max_examples=5", "+eval.task_kwargs.mmlu.scoring=loglik", "eval.tasks=[mmlu,humaneval]"])
     settings = task_settings(cfg)
@@ -147,7 +147,7 @@ def test_eval_of_a_saved_adapter_writes_the_record(tmp_path, tiny_run, tiny_mode
 
 
 def test_base_model_eval_and_resume_after_an_interruption(tmp_path, tiny_model_dir, toy_root, monkeypatch):
-    import melora.eval
+    import melora.instructeval
 
     full = evaluate_tiny(tmp_path / "base", tiny_model_dir, toy_root, "eval.tasks=[mmlu,drop]")
     assert full["adapter"] is None and full["config"]["eval_name"] == "base" and set(full["scores"]) == {"mmlu", "drop"}
@@ -157,13 +157,13 @@ def test_base_model_eval_and_resume_after_an_interruption(tmp_path, tiny_model_d
     del record["results"]["drop"]
     (tmp_path / "base" / "eval_record.json").write_text(json.dumps(record))
     calls = []
-    real = melora.eval.evaluate_all
+    real = melora.instructeval.evaluate_all
 
     def counting(*args, **kwargs):
         calls.append(list(kwargs["tasks"]))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(melora.eval, "evaluate_all", counting)
+    monkeypatch.setattr(melora.instructeval, "evaluate_all", counting)
     resumed = evaluate_tiny(tmp_path / "base", tiny_model_dir, toy_root, "eval.tasks=[mmlu,drop]")
     assert calls == [["drop"]] and resumed["status"] == "completed" and resumed["scores"] == full["scores"]
 

@@ -264,7 +264,7 @@ def test_a_lost_best_adapter_is_rewritten_from_a_checkpoint_of_the_best_step(tmp
 
 def test_report_code_skips_a_damaged_record_with_a_warning(tmp_path, caplog):
     from melora.report.records import load_records
-    from melora.train.records import iter_records, read_record
+    from melora.runs import iter_records, read_record
 
     for name in ("good", "bad"):
         (tmp_path / name).mkdir()
@@ -281,7 +281,8 @@ def test_report_code_skips_a_damaged_record_with_a_warning(tmp_path, caplog):
 
 
 def test_a_damaged_evaluation_record_is_moved_aside(tmp_path, caplog):
-    from melora.instructeval import EVAL_RECORD, read_eval_record
+    from melora.instructeval.run import read_eval_record
+    from melora.runs import EVAL_RECORD
 
     (tmp_path / EVAL_RECORD).write_text('{"status": "running", "results": {')
     assert read_eval_record(tmp_path) is None
@@ -330,3 +331,25 @@ def test_instruct_and_instructeval_configuration_errors_are_one_line(tmp_path):
     (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA"}))
     proc = run_cli("instructeval", f"hydra.run.dir={tmp_path / 'eval'}", "profile=smoke", f"adapter_dir={adapter}")
     assert_one_line_error(proc, "is not a melora adapter config")
+
+
+def test_an_unreachable_hub_model_says_how_to_run_offline(tmp_path):
+    data_dir()
+    env = dict(ENV, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"))  # an empty cache: the hub is the only source
+    proc = run_cli("glue", f"hydra.run.dir={tmp_path / 'run'}", "profile=smoke", *TASK, "model=roberta-base", env=env)
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("Error: ")]
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert len(lines) == 1 and "model.source=path model.name_or_path=<folder>" in lines[0] and "model=minilm" in lines[0]
+
+
+def test_a_damaged_evaluation_record_is_left_out_not_fatal(tmp_path, caplog):
+    from melora.report.records import load_records
+
+    run = tmp_path / "unit" / "instruct-alpaca" / "m" / "lora_r8" / "seed0"
+    run.mkdir(parents=True)
+    (run / "record.json").write_text(json.dumps({"kind": "instruct", "status": "completed", "profile": "unit", "model": "m",
+                                                 "method_tag": "lora_r8", "seed": 0}))
+    (run / "eval_record.json").write_text('{"kind": "instructeval", "status": "compl')  # a node died mid-write
+    records = load_records(tmp_path)
+    assert len(records) == 1 and "eval" not in records[0]
+    assert "eval_record.json is damaged" in caplog.text

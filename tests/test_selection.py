@@ -71,7 +71,7 @@ def test_best_epoch_is_chosen_on_heldout_and_dev_is_recorded(tmp_path):
 def test_dev_selection_keeps_the_identity_of_older_runs():
     """A committed record from before `selection` existed is still the same run."""
     from melora.experiment import resolved
-    from melora.train.records import config_hash
+    from melora.runs import config_hash
 
     path = next(Path(__file__).resolve().parents[1].glob("results/runs/mini/glue-mrpc/minilm/lora_r8/seed0/record.json"))
     record = json.loads(path.read_text())

@@ -13,31 +13,19 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import torch
 import torch.nn as nn
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from melora.adapters.base import adapter_layers, config_from_dict, find_modules_to_save, is_adaptable, linear_dims
 from melora.adapters.inject import get_config, inject, layer_summaries, method_of, unwrap_base_model
+from melora.files import atomic_save_tensors, atomic_write_json
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 FORMAT_VERSION = 1
-
-
-def _atomic_write_json(path: Path, obj: dict) -> None:
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(f.name, path)
-
-
-def _atomic_save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
-    os.replace(tmp, path)
 
 
 def base_model_name(model: nn.Module) -> str | None:
@@ -69,8 +57,8 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
         "target_layers": _target_layers(model),
         "tensors": {k: list(v.shape) for k, v in tensors.items()},
     }
-    _atomic_save_tensors(tensors, directory / WEIGHTS_FILE)
-    _atomic_write_json(directory / CONFIG_FILE, meta)
+    atomic_save_tensors(tensors, directory / WEIGHTS_FILE)
+    atomic_write_json(directory / CONFIG_FILE, meta)
     return directory
 
 
@@ -179,6 +167,6 @@ def export_peft_lora(model: nn.Module, directory: str | os.PathLike) -> Path:
     }
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    _atomic_save_tensors(tensors, directory / WEIGHTS_FILE)
-    _atomic_write_json(directory / "adapter_config.json", peft_config)
+    atomic_save_tensors(tensors, directory / WEIGHTS_FILE)
+    atomic_write_json(directory / "adapter_config.json", peft_config)
     return directory

@@ -10,11 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any
-
-_CHUNK = 1 << 20
 
 
 def stable_hash(*parts: Any) -> str:
@@ -28,22 +25,6 @@ def stable_hash(*parts: Any) -> str:
     """
     payload = json.dumps(parts, sort_keys=True, default=str, ensure_ascii=True)
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:16]
-
-
-def file_sha256(path: str | os.PathLike[str]) -> str:
-    """Return the SHA-256 hex digest of a file's bytes.
-
-    Args:
-        path (str | os.PathLike): The file.
-
-    Returns:
-        str: The full hex digest.
-    """
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(_CHUNK), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 _PROBE = ("Hello World, naïve ÜBER-test 123!", "Second  segment.")

@@ -38,10 +38,11 @@ import datasets
 import numpy as np
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Value
 
-from melora.data.cache import default_cache_dir, file_sha256, stable_hash, tokenizer_fingerprint
+from melora.data.cache import default_cache_dir, stable_hash, tokenizer_fingerprint
 from melora.data.errors import DataFormatError
 from melora.data.glue_tasks import GLUE_TASKS, HUB_DATASET, NOT_IN_OFFLINE_FOLDER, GlueTask, get_task, main_metric
 from melora.data.paths import DATA_DIR_ENV, resolve_data_dir
+from melora.files import file_sha256
 
 __all__ = [
     "GLUE_TASKS",

@@ -19,7 +19,7 @@ def resolve_data_dir(data_dir: str | os.PathLike[str] | None = None) -> Path | N
         Path | None: ``data_dir`` if given, else ``$MELORA_DATA_DIR`` if set and
         non-empty, else ``None`` (meaning: load from the Hugging Face hub).
     """
-    if data_dir is not None:
+    if data_dir not in (None, ""):  # Hydra's `data_dir=` gives "": unset, as an empty environment variable
         return Path(data_dir)
     env = os.environ.get(DATA_DIR_ENV, "").strip()
     return Path(env) if env else None

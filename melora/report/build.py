@@ -75,8 +75,8 @@ def make_results(runs: str | Path, out: str | Path, only: list[str] | None = Non
 
 def _heldout_table(records: list[dict], folder: Path, model: str | None, log: Callable[[str], None]) -> dict[str, list[Path]]:
     """``table2_heldout.{md,csv}``: Table 2 under held-out selection, when such runs exist."""
+    from melora.files import atomic_write_text
     from melora.report import protocol
-    from melora.train.records import atomic_write_text
 
     records = [r for r in records if selection_of(r) == "heldout" and (model is None or r.get("model") == model)]
     table = protocol.build(records)

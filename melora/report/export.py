@@ -14,9 +14,10 @@ import shutil
 from pathlib import Path
 from typing import Callable
 
+from melora.files import atomic_write_json
 from melora.report.records import EVAL_RECORD, load_records, method_config_of
 from melora.report.spectra import SPECTRA_FILE, has_adapter, run_spectra
-from melora.train.records import RECORD_FILE, atomic_write_json
+from melora.runs import RECORD_FILE
 
 COPIED = (RECORD_FILE, "config.yaml", EVAL_RECORD)
 # Singular values at or below this are the SVD's round-off (ΔW has rank ≤ n·r): not stored.

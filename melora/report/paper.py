@@ -37,7 +37,7 @@ class Benchmark:
     size_path: str | None = None
 
 
-# Paths follow melora.eval.harness.evaluate_all's return value
+# Paths follow melora.instructeval.harness.evaluate_all's return value
 # ({"scores": {task: fraction}, "results": {task: {"n_examples": …}}}).
 BENCHMARKS = (
     Benchmark("mmlu", "MMLU", "5-shot accuracy", "scores.mmlu", "results.mmlu.n_examples"),
@@ -49,7 +49,7 @@ BENCHMARKS = (
 
 def spec_tasks(spec_name: str, profile: str) -> list[str] | None:
     """The GLUE tasks ``experiments/<spec_name>.yaml`` runs at ``profile`` (``None``: no such spec/profile)."""
-    from melora.sweep import load_spec
+    from melora.specs import load_spec
 
     try:
         spec = load_spec(spec_name)

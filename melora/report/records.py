@@ -12,14 +12,14 @@ attaches the completed evaluation to its training record as ``record["eval"]``.
 from __future__ import annotations
 
 import datetime as dt
-import json
+import logging
 import statistics
 from pathlib import Path
 
 from melora.adapters import AdapterConfig, MELoRAConfig, config_from_dict
-from melora.train.records import iter_records
+from melora.runs import EVAL_RECORD, iter_records, read_json_object
 
-EVAL_RECORD = "eval_record.json"
+log = logging.getLogger(__name__)
 BASE_TAG = "base"  # method_tag of a base model's evaluation (no adapter)
 
 
@@ -53,7 +53,11 @@ def attach_evaluations(records: list[dict], root: Path, eval_file: str = EVAL_RE
     by_run = {(r.get("profile"), r.get("model"), r.get("method_tag"), r.get("seed")): r for r in instruct}
     bases: dict[tuple, dict] = {}
     for path in sorted(root.rglob(eval_file)):
-        evaluation = json.loads(path.read_text())
+        try:
+            evaluation = read_json_object(path)
+        except ValueError as err:  # a damaged evaluation is listed, not fatal: rerunning it rewrites the file
+            log.warning("%s is damaged (%s); its evaluation is left out until it is run again", path, err)
+            continue
         if evaluation.get("kind") == "instructeval" and evaluation.get("adapter") is None:
             key = (evaluation.get("profile"), evaluation.get("model"))
             if evaluation.get("status") == "completed" and evaluation.get("finished_at", 0) >= bases.get(key, {}).get("finished_at", 0):

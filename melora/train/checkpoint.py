@@ -32,7 +32,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from melora.adapters.io import CONFIG_FILE, WEIGHTS_FILE, adapter_state_dict, save_adapter
-from melora.train.records import atomic_write_json, move_aside, read_json_object
+from melora.files import atomic_write_json
+from melora.runs import move_aside, read_json_object
 
 CHECKPOINT_DIR = "checkpoint"
 ADAPTER_DIR = "adapter"  # the best adapter the trainer keeps next to the checkpoint

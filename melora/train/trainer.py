@@ -23,10 +23,11 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from melora.adapters.base import AdapterMethod
 from melora.adapters.inject import describe, get_config
 from melora.adapters.io import save_adapter
+from melora.files import atomic_write_json
+from melora.runs import RECORD_FILE, device_info, git_commit, package_versions, peak_memory_mb
 from melora.train.batching import EpochBatches, EpochShuffle
 from melora.train.checkpoint import apply_resume, inspect_resume, save_checkpoint
 from melora.train.loggers import NullLogger
-from melora.train.records import RECORD_FILE, atomic_write_json, device_info, git_commit, package_versions, peak_memory_mb
 
 
 class TrainingDiverged(RuntimeError):

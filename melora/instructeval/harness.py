@@ -6,11 +6,11 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from melora.eval.bbh import evaluate_bbh
-from melora.eval.drop import evaluate_drop
-from melora.eval.humaneval import evaluate_humaneval
-from melora.eval.mmlu import evaluate_mmlu
-from melora.eval.results import mean
+from melora.instructeval.bbh import evaluate_bbh
+from melora.instructeval.drop import evaluate_drop
+from melora.instructeval.humaneval import evaluate_humaneval
+from melora.instructeval.mmlu import evaluate_mmlu
+from melora.instructeval.results import mean
 
 TASKS: tuple[str, ...] = ("mmlu", "drop", "humaneval", "bbh")
 
@@ -53,7 +53,7 @@ def evaluate_all(
     Returns:
         ``{"results": {task: result dict}, "scores": {task: headline score},
         "average": mean headline score, "time_s": float}``; see
-        :mod:`melora.eval.results` for the result dicts.
+        :mod:`melora.instructeval.results` for the result dicts.
     """
     unknown = sorted(set(tasks) - set(EVALUATORS))
     if unknown:

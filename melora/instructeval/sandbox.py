@@ -4,7 +4,7 @@ Every program runs in a **new Python interpreter** (``sys.executable -I -B``,
 started with ``subprocess``, never a fork of the evaluator and never ``exec`` in
 the evaluator's process), in a fresh temporary directory as its cwd (removed
 afterwards), in a new session, so that on timeout the whole process group is
-killed with SIGKILL. The child (:mod:`melora.eval._sandbox_child`) limits its
+killed with SIGKILL. The child (:mod:`melora.instructeval._sandbox_child`) limits its
 address space (``RLIMIT_AS``/``RLIMIT_DATA``), CPU time (``RLIMIT_CPU``), file
 size and core dumps, disables destructive functions and installs an audit hook
 before it runs the program under a wall-clock alarm. Its environment is reduced

@@ -1,4 +1,7 @@
-"""Run records: one self-describing ``record.json`` per run, written atomically.
+"""The run-record store: one self-describing ``record.json`` per run, written atomically.
+
+Training (``melora.experiment``), INSTRUCTEVAL, the sweeper and the report all
+read and write runs through this module.
 
 A record holds everything a table or figure needs without re-running anything:
 the resolved config and its hash, the metrics of every evaluation, the best
@@ -14,7 +17,6 @@ import logging
 import os
 import platform
 import subprocess
-import tempfile
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -22,32 +24,10 @@ from typing import Any
 import torch
 
 RECORD_FILE = "record.json"
+EVAL_RECORD = "eval_record.json"  # an INSTRUCTEVAL evaluation, in its own folder or in the training run's
 DAMAGED_SUFFIX = ".damaged"  # a damaged file or folder is renamed <name>.damaged, kept as evidence
 log = logging.getLogger(__name__)
 PACKAGES = ("melora", "torch", "transformers", "peft", "accelerate", "datasets", "hydra-core", "safetensors")
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write via a temp file in the same folder and rename: readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as f:
-        f.write(text)
-    os.replace(f.name, path)
-
-
-def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, default=_jsonable) + "\n")
-
-
-def _jsonable(x: Any) -> Any:
-    if isinstance(x, torch.Tensor):
-        return x.tolist()
-    if isinstance(x, Path):
-        return str(x)
-    if hasattr(x, "item"):
-        return x.item()
-    raise TypeError(f"not JSON serialisable: {type(x).__name__}")
 
 
 # Settings that change how a run is shown or stored, not what it computes.

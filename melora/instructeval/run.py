@@ -2,7 +2,7 @@
 
 ``evaluate_instruct(cfg)`` loads ``cfg.model`` (plus the adapter in
 ``cfg.adapter_dir``, merged into the weights by default), runs the benchmarks
-of ``cfg.eval.tasks`` with :func:`melora.eval.evaluate_all` (MMLU 5-shot, BBH
+of ``cfg.eval.tasks`` with :func:`melora.instructeval.evaluate_all` (MMLU 5-shot, BBH
 3-shot, DROP 3-shot F1, HumanEval 0-shot pass@1, greedy decoding) and writes
 ``eval_record.json`` in its run folder::
 
@@ -21,25 +21,23 @@ entry point (root config ``configs/instructeval.yaml``).
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import hydra
 import torch
 from accelerate.utils import set_seed
 from omegaconf import DictConfig, OmegaConf
 
-from melora.experiment import cli_errors, resolved
-from melora.train.records import atomic_write_json, atomic_write_text, config_hash, device_info, git_commit, package_versions
+from melora.experiment import entry_point, resolved
+from melora.files import atomic_write_json, atomic_write_text, file_sha256
+from melora.runs import EVAL_RECORD, config_hash, device_info, git_commit, package_versions
 from melora.train.runlock import exclusive_run
 
 log = logging.getLogger(__name__)
 
-EVAL_RECORD = "eval_record.json"
 
 
 def resolve_adapter_dir(adapter_dir: str | Path | None) -> Path | None:
@@ -83,14 +81,6 @@ def eval_name(adapter_dir: str | None) -> str:
 OmegaConf.register_new_resolver("melora_eval_name", eval_name, replace=True)
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def adapter_info(adapter: Path, model_name: str) -> dict[str, Any]:
     """What the record says about the adapter: method, config, hash, training run.
 
@@ -98,7 +88,7 @@ def adapter_info(adapter: Path, model_name: str) -> dict[str, Any]:
         ValueError: the adapter's training record names another model than ``model_name``.
     """
     from melora.adapters.io import WEIGHTS_FILE, read_adapter_config
-    from melora.train.records import read_record
+    from melora.runs import read_record
 
     meta = read_adapter_config(adapter)
     info: dict[str, Any] = {
@@ -123,7 +113,7 @@ def _plain(node: Any) -> Any:
 
 
 def task_settings(cfg: DictConfig) -> dict[str, dict[str, Any]]:
-    """Keyword arguments per benchmark for :func:`melora.eval.evaluate_all`.
+    """Keyword arguments per benchmark for :func:`melora.instructeval.evaluate_all`.
 
     ``eval.max_examples`` is ``null`` (everything), an int (every benchmark)
     or a ``{task: int | null}`` map; the profile's ``eval.profile_task_kwargs``
@@ -133,7 +123,7 @@ def task_settings(cfg: DictConfig) -> dict[str, dict[str, Any]]:
     caps = _plain(ev.max_examples)
     layers = [_plain(ev.get(k)) or {} for k in ("profile_task_kwargs", "task_kwargs")]
     named = sorted({t for layer in layers for t in layer} | (set(caps) if isinstance(caps, Mapping) else set()))
-    from melora.eval import TASKS
+    from melora.instructeval import TASKS
 
     bad = [t for t in named if t not in TASKS]
     if bad:
@@ -175,7 +165,7 @@ def load_eval_model(cfg: DictConfig, adapter: Path | None):
 
 def read_eval_record(run_dir: Path) -> dict | None:
     """The folder's evaluation record; a damaged one is moved aside (``.damaged``) with a warning and counts as none."""
-    from melora.train.records import move_aside, read_json_object
+    from melora.runs import move_aside, read_json_object
 
     path = run_dir / EVAL_RECORD
     if not path.is_file():
@@ -191,8 +181,8 @@ def read_eval_record(run_dir: Path) -> dict | None:
 @exclusive_run  # one process per run folder: another one skips it
 def evaluate_instruct(cfg: DictConfig) -> dict:
     """Evaluate ``cfg.model`` (+ ``cfg.adapter_dir``) on ``cfg.eval.tasks``; returns the eval record."""
-    from melora.eval import evaluate_all
-    from melora.eval.results import mean
+    from melora.instructeval import evaluate_all
+    from melora.instructeval.results import mean
 
     run_dir = Path(cfg.run_dir)
     config = resolved(cfg)
@@ -285,12 +275,7 @@ def evaluate_instruct(cfg: DictConfig) -> dict:
     return record
 
 
-@hydra.main(version_base="1.3", config_path="../configs", config_name="instructeval")
-@cli_errors  # a configuration error: one line, no traceback (HYDRA_FULL_ERROR=1: the traceback)
-def main(cfg: DictConfig) -> float | None:
-    record = evaluate_instruct(cfg)
-    return record.get("average")
-
+main = entry_point("instructeval", evaluate_instruct, result="average")
 
 if __name__ == "__main__":
     main()

@@ -17,7 +17,7 @@ tokens, then post-processed:
   multiple of 2 spaces) then the text up to the first blank line.
 
 The program ``prompt + completion + tests + check(entry_point)`` runs in the
-sandbox (:mod:`melora.eval.sandbox`) with a 3 s timeout (instruct-eval's); pass@1
+sandbox (:mod:`melora.instructeval.sandbox`) with a 3 s timeout (instruct-eval's); pass@1
 is the fraction of problems that pass. ``max_examples`` applies to the total.
 """
 
@@ -27,11 +27,11 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from melora.eval.data import HUMANEVAL_HUB, benchmark_dir, load_humaneval, subsample
-from melora.eval.fewshot import input_budget
-from melora.eval.generation import count_tokens, generate_batch, truncate_at_stop
-from melora.eval.results import make_result, mean
-from melora.eval.sandbox import DEFAULT_MEMORY_LIMIT_MB, DEFAULT_TIMEOUT, check_many
+from melora.instructeval.data import HUMANEVAL_HUB, benchmark_dir, load_humaneval, subsample
+from melora.instructeval.fewshot import input_budget
+from melora.instructeval.generation import count_tokens, generate_batch, truncate_at_stop
+from melora.instructeval.results import make_result, mean
+from melora.instructeval.sandbox import DEFAULT_MEMORY_LIMIT_MB, DEFAULT_TIMEOUT, check_many
 
 INSTRUCTION = (
     "Please complete the following Python code without providing any additional tasks "
@@ -129,7 +129,7 @@ def evaluate_humaneval(
         return_predictions: add completions and outcomes to the result.
 
     Returns:
-        A result dict (:mod:`melora.eval.results`), headline ``pass@1``;
+        A result dict (:mod:`melora.instructeval.results`), headline ``pass@1``;
         ``per_subtask`` maps each task id to ``{"pass@1": 0.0 | 1.0, "n": 1}``.
     """
     start = time.perf_counter()

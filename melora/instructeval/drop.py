@@ -38,10 +38,10 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from melora.eval.data import DROP_HUB, describe_source, load_drop, subsample
-from melora.eval.fewshot import fit_shots, input_budget, summarize_shots
-from melora.eval.generation import generate_batch
-from melora.eval.results import make_result, mean
+from melora.instructeval.data import DROP_HUB, describe_source, load_drop, subsample
+from melora.instructeval.fewshot import fit_shots, input_budget, summarize_shots
+from melora.instructeval.generation import generate_batch
+from melora.instructeval.results import make_result, mean
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b", re.UNICODE)
 _PUNCTUATION = frozenset(string.punctuation)
@@ -222,7 +222,7 @@ def evaluate_drop(
         return_predictions: add per-question predictions to the result.
 
     Returns:
-        A result dict (:mod:`melora.eval.results`), headline ``f1``; per-subtask
+        A result dict (:mod:`melora.instructeval.results`), headline ``f1``; per-subtask
         entries split questions by the type of their first gold answer
         (``number`` or ``text``).
     """

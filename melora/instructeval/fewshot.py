@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from melora.eval.generation import count_tokens
+from melora.instructeval.generation import count_tokens
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-ENV_DATA_DIR = "MELORA_DATA_DIR"
+from melora.data.paths import DATA_DIR_ENV, resolve_data_dir  # noqa: F401 - resolve_data_dir: part of this module's API
 
 MMLU_HUB = "cais/mmlu"
 BBH_HUB = "lukaemon/bbh"
@@ -67,22 +67,6 @@ BBH_TASKS: tuple[str, ...] = (
 T = TypeVar("T")
 
 
-def resolve_data_dir(data_dir: str | os.PathLike[str] | None = None) -> Path | None:
-    """Returns the local data root, or ``None`` when the hub should be used.
-
-    Args:
-        data_dir: explicit root; overrides ``$MELORA_DATA_DIR``.
-
-    Returns:
-        The root as a ``Path``, or ``None`` if neither the argument nor the
-        environment variable is set (empty strings count as unset).
-    """
-    if data_dir:
-        return Path(data_dir)
-    env = os.environ.get(ENV_DATA_DIR)
-    return Path(env) if env else None
-
-
 def benchmark_dir(name: str, data_dir: str | os.PathLike[str] | None = None) -> Path | None:
     """Returns ``<root>/<name>`` for a local root, ``None`` for the hub.
 
@@ -95,7 +79,7 @@ def benchmark_dir(name: str, data_dir: str | os.PathLike[str] | None = None) -> 
     path = root / name
     if not path.is_dir():
         raise FileNotFoundError(
-            f"{name}: data root {root} (from the data_dir argument or ${ENV_DATA_DIR}) "
+            f"{name}: data root {root} (from the data_dir argument or ${DATA_DIR_ENV}) "
             f"has no '{name}/' folder"
         )
     return path
@@ -140,7 +124,7 @@ def _load_hub(*args: Any, **kwargs: Any) -> Any:
     except ConnectionError as err:
         raise ConnectionError(
             f"{args[0]} is not on disk and the Hugging Face hub cannot be reached ({err}). "
-            f"To evaluate offline, set {ENV_DATA_DIR} (or data_dir=...) to a folder holding "
+            f"To evaluate offline, set {DATA_DIR_ENV} (or data_dir=...) to a folder holding "
             "mmlu/ bbh/ drop/ humaneval/, e.g. ../shared/data; the Makefile sets it."
         ) from err
 

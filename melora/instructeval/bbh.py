@@ -29,10 +29,10 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from melora.eval.data import BBH_HUB, describe_source, load_bbh, subsample
-from melora.eval.fewshot import fit_shots, input_budget, summarize_shots
-from melora.eval.generation import generate_batch
-from melora.eval.results import make_result, mean
+from melora.instructeval.data import BBH_HUB, describe_source, load_bbh, subsample
+from melora.instructeval.fewshot import fit_shots, input_budget, summarize_shots
+from melora.instructeval.generation import generate_batch
+from melora.instructeval.results import make_result, mean
 
 
 def format_bbh_example(example: dict[str, str], include_answer: bool = True) -> str:
@@ -92,7 +92,7 @@ def evaluate_bbh(
         return_predictions: add per-example predictions to the result.
 
     Returns:
-        A result dict (:mod:`melora.eval.results`), headline ``exact_match``
+        A result dict (:mod:`melora.instructeval.results`), headline ``exact_match``
         (macro over tasks).
     """
     start = time.perf_counter()

@@ -31,10 +31,10 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from melora.eval.data import MMLU_HUB, describe_source, load_mmlu, subsample
-from melora.eval.fewshot import fit_shots, input_budget, summarize_shots
-from melora.eval.generation import continuation_ids, continuation_logprobs, generate_batch, next_token_logprobs
-from melora.eval.results import make_result, mean
+from melora.instructeval.data import MMLU_HUB, describe_source, load_mmlu, subsample
+from melora.instructeval.fewshot import fit_shots, input_budget, summarize_shots
+from melora.instructeval.generation import continuation_ids, continuation_logprobs, generate_batch, next_token_logprobs
+from melora.instructeval.results import make_result, mean
 
 CHOICES = ("A", "B", "C", "D")
 HEADER = "The following are multiple choice questions (with answers) about {subject}.\n\n"
@@ -172,7 +172,7 @@ def evaluate_mmlu(
         return_predictions: add per-question predictions to the result.
 
     Returns:
-        A result dict (:mod:`melora.eval.results`), headline ``accuracy``.
+        A result dict (:mod:`melora.instructeval.results`), headline ``accuracy``.
     """
     if scoring not in ("generate", "loglik"):
         raise ValueError(f"scoring must be 'generate' or 'loglik', got {scoring!r}")

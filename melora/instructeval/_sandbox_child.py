@@ -1,6 +1,6 @@
 """Child side of the code sandbox: runs one program, reports one outcome line.
 
-Started by :mod:`melora.eval.sandbox` as ``python -I -B <this file>`` in a fresh
+Started by :mod:`melora.instructeval.sandbox` as ``python -I -B <this file>`` in a fresh
 temporary directory (its cwd), in its own session/process group. It reads a JSON
 payload ``{"program", "timeout", "memory_bytes", "nonce"}`` from stdin, then
 
