@@ -30,7 +30,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from melora.instructeval.data import BBH_HUB, describe_source, load_bbh, subsample
-from melora.instructeval.fewshot import fit_shots, input_budget, summarize_shots
+from melora.instructeval.fewshot import fewshot_fields, fit_shots, input_budget
 from melora.instructeval.generation import generate_batch
 from melora.instructeval.results import make_result, mean
 
@@ -143,8 +143,7 @@ def evaluate_bbh(
         },
         per_subtask=per_subtask,
         n_examples=len(all_em),
-        shots=summarize_shots(n_shots, [it["fitted"].n_shots for it in items]),
-        n_truncated=sum(not it["fitted"].fits for it in items),
+        **fewshot_fields(n_shots, items),
         generation={
             "max_new_tokens": max_new_tokens, "max_length": max_length,
             "batch_size": batch_size, "stop": None,

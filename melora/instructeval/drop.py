@@ -39,7 +39,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from melora.instructeval.data import DROP_HUB, describe_source, load_drop, subsample
-from melora.instructeval.fewshot import fit_shots, input_budget, summarize_shots
+from melora.instructeval.fewshot import fewshot_fields, fit_shots, input_budget
 from melora.instructeval.generation import generate_batch
 from melora.instructeval.results import make_result, mean
 
@@ -271,8 +271,7 @@ def evaluate_drop(
         },
         per_subtask=per_subtask,
         n_examples=len(flat),
-        shots=summarize_shots(n_shots, [it["fitted"].n_shots for it in items]),
-        n_truncated=sum(not it["fitted"].fits for it in items),
+        **fewshot_fields(n_shots, items),
         generation={
             "max_new_tokens": max_new_tokens, "max_length": max_length,
             "batch_size": batch_size, "stop": None,

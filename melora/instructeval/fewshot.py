@@ -77,6 +77,14 @@ def summarize_shots(requested: int, used: Sequence[int]) -> dict:
     }
 
 
+def fewshot_fields(requested: int, items: Sequence[dict]) -> dict:
+    """The ``shots`` and ``n_truncated`` fields of a result, from the fitted prompts of ``items``."""
+    return {
+        "shots": summarize_shots(requested, [it["fitted"].n_shots for it in items]),
+        "n_truncated": sum(not it["fitted"].fits for it in items),
+    }
+
+
 def input_budget(max_length: int | None, max_new_tokens: int) -> int | None:
     """Tokens left for the prompt: ``max_length - max_new_tokens`` (at least 1)."""
     return None if max_length is None else max(1, max_length - max_new_tokens)

@@ -32,7 +32,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from melora.instructeval.data import MMLU_HUB, describe_source, load_mmlu, subsample
-from melora.instructeval.fewshot import fit_shots, input_budget, summarize_shots
+from melora.instructeval.fewshot import fewshot_fields, fit_shots, input_budget
 from melora.instructeval.generation import continuation_ids, continuation_logprobs, generate_batch, next_token_logprobs
 from melora.instructeval.results import make_result, mean
 
@@ -228,8 +228,7 @@ def evaluate_mmlu(
         },
         per_subtask=per_subtask,
         n_examples=len(all_correct),
-        shots=summarize_shots(n_shots, [it["fitted"].n_shots for it in items]),
-        n_truncated=sum(not it["fitted"].fits for it in items),
+        **fewshot_fields(n_shots, items),
         generation={
             "max_new_tokens": max_new_tokens, "max_length": max_length,
             "batch_size": batch_size, "stop": None, "scoring": scoring,

@@ -49,6 +49,7 @@ class Choice:
     validation: Cell
     dev: Cell
     candidates: int  # (setting, lr) pairs the choice was made among
+    lrs_tried: int = 0  # learning rates with runs for the chosen setting: below the grid's size, the lr is provisional
     versus_reference: PairedDifference | None = None
 
 
@@ -99,7 +100,8 @@ def choose(cells: dict, task: str, row: str) -> Choice | None:
         best_lr[setting] = max(best_lr.get(setting, lr), lr, key=lambda x: validation(setting, x))
     setting = max(sorted(best_lr), key=lambda s: validation(s, best_lr[s]))
     val, dev = options[(setting, best_lr[setting])]
-    return Choice(setting=setting, lr=best_lr[setting], validation=val, dev=dev, candidates=len(options))
+    return Choice(setting=setting, lr=best_lr[setting], validation=val, dev=dev, candidates=len(options),
+                  lrs_tried=sum(1 for s, _ in options if s == setting))
 
 
 def build(records: list[dict], tasks: list[str] | None = None) -> HeldoutTable:
@@ -126,7 +128,7 @@ def _interval(ci) -> str:
 
 def to_rows(table: HeldoutTable) -> tuple[list[str], list[list[str]]]:
     """Header and body of the long-format table: one line per (row, task)."""
-    header = ["method", "task", "chosen", "lr", "seeds", "validation", "dev mean ± std", "dev 95% CI",
+    header = ["method", "task", "chosen", "lr", "lrs tried", "seeds", "validation", "dev mean ± std", "dev 95% CI",
               f"Δ vs {REFERENCE} (paired)", "Δ 95% CI", "verdict"]
     body = []
     for row, by_task in table.rows.items():
@@ -137,7 +139,7 @@ def to_rows(table: HeldoutTable) -> tuple[list[str], list[list[str]]]:
             std = f" ± {c.dev.std:.1f}" if c.dev.std is not None else ""
             d = c.versus_reference
             body.append([
-                row, GLUE_LABELS.get(task, task), c.setting, f"{c.lr:g}", str(c.dev.n), f"{c.validation.mean:.1f}",
+                row, GLUE_LABELS.get(task, task), c.setting, f"{c.lr:g}", str(c.lrs_tried), str(c.dev.n), f"{c.validation.mean:.1f}",
                 f"{c.dev.mean:.1f}{std}", _interval(c.dev.ci95),
                 f"{d.mean:+.1f}" if d and d.mean is not None else "—", _interval(d.ci) if d else "—",
                 d.verdict if d else ("reference" if row == REFERENCE else "—"),
@@ -172,7 +174,8 @@ NOTE = (
     "('validation', ×100); 'dev' is the GLUE dev metric ×100 at the chosen epoch, never used to choose. "
     "CI: 95 % t interval over seeds; Δ: paired over common seeds against LoRA r=8 at its own chosen lr. "
     "Verdict 'better'/'worse' only when the paired CI excludes 0. Tuning budget: every row the same lr grid; "
-    "MELoRA rows also choose n, which 'chosen' names. 'too few seeds': under two paired seeds."
+    "MELoRA rows also choose n, which 'chosen' names. 'lrs tried': learning rates with runs for that setting; "
+    "below the grid's three the lr is provisional. 'too few seeds': under two paired seeds."
 )
 
 

@@ -6,9 +6,9 @@ from pathlib import Path
 import pytest
 from datasets import Dataset
 from hydra import compose, initialize_config_dir
+from test_glue_pipeline import CONFIGS, data_dir, train_in_process
 
 from melora.data.glue import heldout_split
-from tests.test_glue_pipeline import CONFIGS, data_dir, train_in_process
 
 
 def test_heldout_split_size_disjoint_and_deterministic():
@@ -73,7 +73,7 @@ def test_dev_selection_keeps_the_identity_of_older_runs():
     from melora.experiment import resolved
     from melora.runs import config_hash
 
-    path = next(Path(__file__).resolve().parents[1].glob("results/runs/mini/glue-mrpc/minilm/lora_r8/seed0/record.json"))
+    path = next(Path(__file__).resolve().parents[2].glob("results/runs/mini/glue-mrpc/minilm/lora_r8/seed0/record.json"))
     record = json.loads(path.read_text())
     assert "selection" not in record["config"]
     cfg = compose_glue(["task=glue/mrpc", "method=lora", "method.r=8", "model=minilm"])

@@ -14,7 +14,7 @@ from conftest import data_dir
 from hydra import compose, initialize_config_dir
 from safetensors.torch import load_file
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = str(ROOT / "configs")
 TASKS = ["mnli", "sst2", "mrpc", "cola", "qnli", "qqp", "rte", "stsb"]
 METHODS = ["lora", "melora", "dylora", "adalora", "delta_lora"]

@@ -90,7 +90,7 @@ def test_spec_opens_with_its_make_command(name):
     assert text.startswith(f"# make {name} PROFILE=mini   (= python -m melora.sweep {name} --profile mini, then\n"
                            f"#   python scripts/make_results.py --runs runs/mini --out results --only {name})\n")
     assert load_spec(name)["name"] == name
-    makefile = (Path(__file__).resolve().parents[1] / "Makefile").read_text()
+    makefile = (Path(__file__).resolve().parents[2] / "Makefile").read_text()
     assert f"{name}: $(VENV)/.installed ##" in makefile, f"the Makefile has no `{name}` target"
 
 

@@ -13,7 +13,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from safetensors.torch import load_file
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = str(ROOT / "configs")
 METHODS = ["lora", "melora", "dylora", "adalora", "delta_lora"]
 PROFILES = ["paper", "mini", "smoke"]

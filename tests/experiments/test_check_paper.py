@@ -34,7 +34,7 @@ from melora.paper_shapes import (
     shapes_root,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 # The instruct runs keep gradient accumulation (micro-batch 1 x 2) on fewer, shorter batches.
 CUT = Cut(instruct_batch=2, instruct_micro=1, instruct_train=4, instruct_dev=2)
 

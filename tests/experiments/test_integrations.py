@@ -17,7 +17,7 @@ from transformers import Trainer, TrainingArguments
 import melora
 from melora.integrations import MELoRACallback
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "model"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "model"
 QV = ["query", "value"]
 
 

@@ -13,7 +13,7 @@ from melora.report.figures import figure3, figure4, figure5, save_figure
 from melora.report.records import load_records
 from melora.report.spectra import run_spectra
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def sweep_runs(root: Path, profile: str = "unit") -> list[dict]:

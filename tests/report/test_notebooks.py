@@ -11,7 +11,7 @@ import nbformat
 import pytest
 from conftest import data_dir
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 NOTEBOOKS = ["singular_values", "sweeps"]
 SHRINK = ["task.max_train_samples=16", "task.max_eval_samples=16", "task.epochs=1", "logger=none"]
 

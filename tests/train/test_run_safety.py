@@ -20,7 +20,7 @@ from conftest import data_dir, tiny_bert
 from hydra import compose, initialize_config_dir
 from safetensors.torch import load_file
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = str(ROOT / "configs")
 # A smoke GLUE run of a few seconds: 4 steps an epoch, 2 epochs.
 TASK = ["task=glue/sst2", "task.max_train_samples=32", "task.max_eval_samples=32", "task.epochs=2"]

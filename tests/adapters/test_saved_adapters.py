@@ -9,7 +9,7 @@ from conftest import tiny_bert
 
 import melora
 
-SAVED = Path(__file__).parent / "fixtures" / "saved_adapters"
+SAVED = Path(__file__).resolve().parents[1] / "fixtures" / "saved_adapters"
 
 
 @pytest.mark.parametrize("method", ["melora", "lora", "dylora", "delta_lora", "adalora"])
