@@ -14,6 +14,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import statistics
+from dataclasses import dataclass
 from pathlib import Path
 
 from melora.adapters import AdapterConfig, MELoRAConfig, config_from_dict
@@ -125,6 +126,23 @@ def label_of(record: dict) -> str | None:
         return BASE_TAG
     config = method_config_of(record)
     return None if config is None else config.label()
+
+
+@dataclass(frozen=True)
+class Setting:
+    """An adapter setting: method, number of mini adapters ``n`` (1 but for MELoRA) and rank ``r`` of each."""
+
+    method: str
+    n: int
+    r: int | None
+
+
+def setting_of(record: dict) -> Setting:
+    """The run's ``Setting``, asked of its method config (``blocks``, ``rank``); a base model is ``("base", 1, None)``."""
+    config = method_config_of(record)
+    if config is None:
+        return Setting(method=(record.get("method_config") or {}).get("method", BASE_TAG), n=1, r=None)
+    return Setting(method=config.method, n=config.blocks, r=config.rank)
 
 
 def lora_family(record: dict) -> tuple[int, int] | None:

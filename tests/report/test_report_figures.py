@@ -81,11 +81,11 @@ def adapter_runs(root: Path) -> list[dict]:
 def test_figure3_counts_singular_values_per_layer(tmp_path):
     records = adapter_runs(tmp_path)
     fig = figure3(records, base_model=lambda record: tiny_bert(num_labels=2))
-    assert [ax.get_title() for ax in fig.axes] == ["MRPC: MELoRA 2×4 vs LoRA r=8", "MRPC: MELoRA 8×8 vs LoRA r=8"]
+    assert [ax.get_title() for ax in fig.axes] == ["MRPC: MELoRA n=2 r=4 vs LoRA r=8", "MRPC: MELoRA n=8 r=8 vs LoRA r=8"]
     ax = fig.axes[1]
     assert ax.get_ylabel() == "# singular values > 0.1" and ax.get_xlabel() == "layer"
     labels = [t.get_text() for t in ax.get_legend().get_texts()]
-    assert labels == ["LoRA r=8 (query)", "LoRA r=8 (value)", "MELoRA 8×8 (query)", "MELoRA 8×8 (value)"]
+    assert labels == ["LoRA r=8 (query)", "LoRA r=8 (value)", "MELoRA n=8 r=8 (query)", "MELoRA n=8 r=8 (value)"]
 
     def counts(tag, seed, kind):
         run = next(r for r in records if r["method_tag"] == tag and r["seed"] == seed)
