@@ -46,6 +46,10 @@ test-slow: $(VENV)/.installed ## Run only the slow end-to-end tests
 bench-layer: $(VENV)/.installed ## Time MELoRALinear vs PEFT LoRA vs the per-mini-LoRA loop -> results/bench/layer.{csv,md}
 	$(BENCH_ENV) $(PY) scripts/bench_layer.py --out results/bench
 
+.PHONY: bench-gpu
+bench-gpu: $(VENV)/.installed ## On one CUDA GPU, bf16 (< 5 min): layer grid + roberta-base/LLaMA-layer steps vs PEFT LoRA -> results/bench/gpu.{csv,md}
+	$(PY) scripts/bench_gpu.py --out results/bench
+
 # ---- experiments -------------------------------------------------------------
 # PROFILE=paper (hub models, GPUs) | mini (offline, 2-core CPU) | smoke (seconds)
 PROFILE ?= paper

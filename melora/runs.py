@@ -44,6 +44,9 @@ def config_hash(config: dict) -> str:
         del keep["selection"]
     if isinstance(keep.get("trainer"), dict):
         keep["trainer"] = {k: v for k, v in keep["trainer"].items() if k not in _COSMETIC_TRAINER}
+        # trainer.compile came later: left off, it keeps the identity of every run recorded before then.
+        if keep["trainer"].get("compile") is False:
+            del keep["trainer"]["compile"]
     return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

@@ -12,7 +12,11 @@ to ``T`` tokens, in two modes:
 Variants, all sharing one frozen base layer per ``(d, T)``:
 
 * ``base``: the frozen ``nn.Linear`` alone, the denominator of every ratio;
-* ``melora``: ``melora.MELoRALinear(base, n, r)``;
+* ``melora``: ``melora.MELoRALinear(base, n, r)``, its formulation picked by
+  the cost rule (the ``path`` column);
+* ``melora_bmm`` / ``melora_dense`` / ``melora_fused`` (with ``--paths``):
+  the same layer with ``layer.path`` forced, the measurements that calibrate
+  the rule's constants (``melora/adapters/melora.py``);
 * ``peft_lora_nr`` / ``peft_lora_r``: PEFT's ``lora.Linear`` (built with
   ``peft.get_peft_model``) at the equivalent rank ``n·r`` / at rank ``r``
   (the same parameter count and FLOPs as MELoRA);
@@ -41,7 +45,8 @@ other processes, for a loaded machine.
 measured once per group, PEFT once per rank, and each measurement is repeated
 on every row it answers.
 
-Outputs: ``<out>/layer.csv`` (one row per config, variant and mode) and
+Outputs: ``<out>/layer.csv`` (one row per config, variant and mode; ``path``:
+the formulation ``MELoRALinear``'s cost rule picked, on ``melora`` rows) and
 ``<out>/layer.md`` (hardware, allocator, tables, and PASS/FAIL per target).
 
 Run as ``make bench-layer``; ``--quick`` is a 1-2 minute check.
@@ -72,6 +77,7 @@ import torch.nn.functional as F
 
 import melora
 from melora import MELoRALinear
+from melora.adapters.melora import PATHS
 
 FULL_GRID = {"d": [768, 4096], "n": [1, 2, 4, 8, 16, 32, 64], "r": [1, 8], "tokens": [512, 4096]}
 QUICK_GRID = {"d": [768], "n": [1, 4, 16, 64], "r": [1, 8], "tokens": [512]}
@@ -85,8 +91,9 @@ NOISY_BUDGET_FACTOR = 3.0
 MIN_REPS = {"base": 5, "block_diag": 1}  # block_diag is a reference, never a target
 DEFAULT_MIN_REPS = 3
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-VARIANT_ORDER = ["base", "melora", "peft_lora_nr", "peft_lora_r", "mini_loop", "block_diag", "melora_merged"]
-CSV_FIELDS = ["device", "dtype", "d", "n", "r", "T", "variant", "mode", "ms", "ratio_to_base", "min_ms", "reps", "spread_pct"]
+MELORA_PATH_VARIANTS = [f"melora_{path}" for path in PATHS]  # with --paths
+VARIANT_ORDER = ["base", "melora", *MELORA_PATH_VARIANTS, "peft_lora_nr", "peft_lora_r", "mini_loop", "block_diag", "melora_merged"]
+CSV_FIELDS = ["device", "dtype", "d", "n", "r", "T", "variant", "mode", "ms", "ratio_to_base", "min_ms", "reps", "spread_pct", "path"]
 
 
 # ----------------------------------------------------------------------------- baselines
@@ -169,6 +176,7 @@ class Job:
     min_reps: int
     target: int = 0
     samples: list[float] = field(default_factory=list)
+    path: str = ""  # MELoRALinear's chosen formulation, for melora jobs
 
     @property
     def ms(self) -> float:
@@ -248,7 +256,7 @@ def make_job(key: tuple, module: nn.Module, x: torch.Tensor, grad_out: torch.Ten
 # ----------------------------------------------------------------------------- one group
 
 
-def build_modules(base: nn.Linear, ns: list[int], rs: list[int], mode: str) -> dict[tuple, nn.Module]:
+def build_modules(base: nn.Linear, ns: list[int], rs: list[int], mode: str, paths: bool = False) -> dict[tuple, nn.Module]:
     """Every distinct module of a ``(d, T)`` group, keyed by job key."""
     modules: dict[tuple, nn.Module] = {("base",): base}
     for rank in sorted(set(rs) | {n * r for n in ns for r in rs}):
@@ -257,6 +265,9 @@ def build_modules(base: nn.Linear, ns: list[int], rs: list[int], mode: str) -> d
         for r in rs:
             scaling = ALPHA / r
             modules[("melora", n, r)] = MELoRALinear(base, n=n, r=r, alpha=ALPHA)
+            for path in PATHS if paths else ():
+                modules[("melora_path", path, n, r)] = forced = MELoRALinear(base, n=n, r=r, alpha=ALPHA)
+                forced.path = path
             modules[("mini_loop", n, r)] = MiniLoRALoop(base, n, r, scaling)
             modules[("block_diag", n, r)] = BlockDiagLoRA(base, n, r, scaling)
     for key, module in modules.items():
@@ -276,19 +287,24 @@ def measure_group(device: torch.device, dtype: torch.dtype, d: int, T: int, mode
     shape = (T // SEQ_LEN, SEQ_LEN, d) if T % SEQ_LEN == 0 else (1, T, d)
     x = torch.randn(shape, device=device, dtype=dtype, requires_grad=(mode == "fwdbwd"))
     grad_out = torch.randn(shape, device=device, dtype=dtype)
-    modules = build_modules(base, args.n, args.r, mode)
+    modules = build_modules(base, args.n, args.r, mode, args.paths)
     jobs = {key: make_job(key, module, x, grad_out, mode) for key, module in modules.items()}
+    with torch.set_grad_enabled(mode == "fwdbwd"):
+        for key, job in jobs.items():
+            if isinstance(modules[key], MELoRALinear):
+                job.path = modules[key].path_for(x)
     run_round_robin(list(jobs.values()), args.budget, args.max_reps, synchroniser(device))
     del modules, x, grad_out, base
     gc.collect()
     return jobs
 
 
-def variant_jobs(n: int, r: int, mode: str) -> dict[str, tuple]:
+def variant_jobs(n: int, r: int, mode: str, paths: bool = False) -> dict[str, tuple]:
     """Which measured job answers each variant of config ``(n, r)``."""
     keys = {
         "base": ("base",),
         "melora": ("melora", n, r),
+        **{f"melora_{path}": ("melora_path", path, n, r) for path in (PATHS if paths else ())},
         "peft_lora_nr": ("peft", n * r),
         "peft_lora_r": ("peft", r),
         "mini_loop": ("mini_loop", n, r),
@@ -304,14 +320,14 @@ def group_rows(device: str, dtype: str, d: int, T: int, mode: str, jobs: dict[tu
     rows = []
     for n in args.n:
         for r in args.r:
-            for variant, key in variant_jobs(n, r, mode).items():
+            for variant, key in variant_jobs(n, r, mode, args.paths).items():
                 job = jobs[key]
                 rows.append({
                     "device": device, "dtype": dtype, "d": d, "n": n, "r": r, "T": T,
                     "variant": variant, "mode": mode, "ms": round(job.ms, 4),
                     "ratio_to_base": round(job.ms / base_ms, 4), "min_ms": round(min(job.samples) * 1e3, 4),
                     "reps": len(job.samples),
-                    "spread_pct": round(job.spread_pct, 1),
+                    "spread_pct": round(job.spread_pct, 1), "path": job.path if key[0] in ("melora", "melora_path") else "",
                 })  # fmt: skip
     return rows
 
@@ -469,13 +485,17 @@ def fmt_cell(ms: float, base_ms: float) -> str:
 def group_table(rows: list[dict], mode: str) -> str:
     variants = [v for v in VARIANT_ORDER[1:] if any(row["variant"] == v for row in rows)]
     out = io.StringIO()
-    out.write("| n | r | " + " | ".join(variants) + " |\n")
-    out.write("|---:|---:|" + "---:|" * len(variants) + "\n")
+    out.write("| n | r | path | " + " | ".join(variants) + " |\n")
+    out.write("|---:|---:|:---|" + "---:|" * len(variants) + "\n")
     by_config: dict[tuple, dict[str, float]] = {}
+    paths: dict[tuple, str] = {}
     for row in rows:
         by_config.setdefault((row["n"], row["r"]), {})[row["variant"]] = row["ms"]
+        if row["variant"] == "melora":
+            paths[(row["n"], row["r"])] = row.get("path", "")
     for (n, r), cells in sorted(by_config.items()):
-        out.write(f"| {n} | {r} | " + " | ".join(fmt_cell(cells[v], cells["base"]) for v in variants) + " |\n")
+        cells_text = " | ".join(fmt_cell(cells[v], cells["base"]) for v in variants)
+        out.write(f"| {n} | {r} | {paths.get((n, r), '')} | {cells_text} |\n")
     return out.getvalue()
 
 
@@ -512,7 +532,8 @@ def render_markdown(rows: list[dict], targets: list[dict], args, wall_s: float, 
     out.write("## Targets (full layer)\n\n")
     for t in targets:
         out.write(f"- **{t['status']}** {t['name']}: {t['text']}. *{t['fastest']}*\n")
-    out.write("\n## Timings\n\nCells: ms (ratio to the frozen base layer in the same run).\n")
+    out.write("\n## Timings\n\nCells: ms (ratio to the frozen base layer in the same run); path: the formulation MELoRALinear chose "
+              "(melora.adapters.melora.choose_path).\n")
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
         groups.setdefault((row["device"], row["dtype"], row["d"], row["T"], row["mode"]), []).append(row)
@@ -574,6 +595,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )  # fmt: skip
     p.add_argument("--budget", type=float, default=1.0, help="seconds of samples per module (default 1.0)")
     p.add_argument("--max-reps", type=int, default=40)
+    p.add_argument("--paths", action="store_true", help="also time MELoRALinear with each formulation forced (calibrates its cost rule)")
     p.add_argument("--noise-tol", type=float, default=0.03, help="timing-noise allowance of target 1 (default 0.03)")
     args = p.parse_args(argv)
     grid = QUICK_GRID if args.quick else FULL_GRID

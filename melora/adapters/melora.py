@@ -12,10 +12,24 @@
     h = W x + s · blockdiag(B_1..B_n) · blockdiag(A_1..A_n) · x
 
 The mini LoRAs are stored packed, ``lora_A: (n, r, d_in/n)`` and
-``lora_B: (n, d_out/n, r)``, and run as two batched matrix products over a
-strided ``(n, T, ·)`` view, so the adapter costs ``r·(d_in + d_out)``
-multiply-adds per token; the dense ``ΔW`` is built only for merging and
-analysis.
+``lora_B: (n, d_out/n, r)``. The adapter product has three exact
+formulations (``PATHS``), picked per call by :func:`choose_path`:
+
+- ``"bmm"``: two batched products over a strided ``(n, T, ·)`` view of the
+  input, the second one added in place into the frozen output:
+  ``r·(d_in + d_out)`` multiply-adds per token;
+- ``"dense"``: one GEMM pair with ``blockdiag(A) (n·r, d_in)`` and
+  ``blockdiag(B) (d_out, n·r)`` built on the fly, LoRA's cost at rank
+  ``n·r`` (``n`` times the multiply-adds, in two large GEMMs instead of ``2n``
+  small ones); for ``n = 1`` it is plain LoRA and builds nothing;
+- ``"fused"``: the ``"bmm"`` products and the frozen layer in one
+  ``torch.autograd.Function`` whose backward writes the input's gradient into
+  a strided view of the frozen layer's (no transposed-view copy, no extra sum)
+  and the factors' gradients from the same views.
+
+A contiguous-block layout (a ``(n, T, d_in/n)`` copy of the input) is not
+one of them: it adds a pass over the input to what ``"bmm"`` reads in place.
+The dense ``ΔW`` is built only for merging and analysis.
 """
 
 from __future__ import annotations
@@ -26,11 +40,56 @@ from typing import ClassVar
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
-from melora.adapters.base import AdapterConfig, AdapterLayer, AdapterMethod, _meta, check_dropout, check_positive_int, register
+from melora.adapters.base import AdapterConfig, AdapterLayer, AdapterMethod, Conv1D, _meta, check_dropout, check_positive_int, register
 
 SCALINGS = ("per_mini", "equivalent", "rslora")
 INITS = ("kaiming", "gaussian")
+PATHS = ("bmm", "dense", "fused")
+
+# The cost rule of choose_path. UNCALIBRATED: roofline guesses, not measurements. Calibrate
+# them on a quiet machine with `make bench-layer` (scripts/bench_layer.py, CPU; add --paths to
+# time every forced path) and `make bench-gpu` (scripts/bench_gpu.py, CUDA, times every path):
+# both report the path chosen per config.
+#
+# FLOP per byte of memory traffic below which a GEMM is memory-bound. The dense pair does
+# 2·n·r FLOP per element of x it reads and of the output it updates, 2·n·r / itemsize FLOP per
+# byte: while that is ≤ the balance it costs no more time than the strided pair, which moves
+# the same bytes.
+MACHINE_BALANCE = {"cpu": 8.0, "cuda": 64.0}  # UNCALIBRATED
+DEFAULT_MACHINE_BALANCE = 8.0  # other devices (mps, xpu, …): UNCALIBRATED
+# Building blockdiag(A) and blockdiag(B) writes n·r·(d_in + d_out) elements per call, against
+# T·(d_in + d_out) for x and the output: the dense pair needs T ≥ this × n·r.
+DENSE_MIN_TOKENS_PER_RANK = 4  # UNCALIBRATED
+# Whether a call that needs gradients takes "fused" rather than "bmm" (same forward kernels).
+FUSED_BACKWARD = True  # UNCALIBRATED
+
+
+def choose_path(
+    d_in: int, d_out: int, n: int, r: int, tokens: int, dtype: torch.dtype, device: torch.device | str, needs_grad: bool = True
+) -> str:
+    """The formulation of the MELoRA product for one call: one of ``PATHS``.
+
+    The rule (deterministic; thresholds are the module constants above):
+
+    1. ``n = 1``: ``"dense"`` (plain LoRA: ``A``, ``B`` are used as they are);
+    2. ``2·n·r ≤ MACHINE_BALANCE[device.type] · dtype.itemsize`` and
+       ``tokens ≥ DENSE_MIN_TOKENS_PER_RANK · n·r``: ``"dense"``, memory-bound
+       like ``"bmm"`` but in two large GEMMs;
+    3. otherwise ``"fused"`` if ``needs_grad`` and ``FUSED_BACKWARD``, else ``"bmm"``.
+
+    ``d_in`` and ``d_out`` cancel out of both cost ratios; they are arguments
+    so that a calibrated rule may use them. A layer falls back from
+    ``"fused"`` to ``"bmm"`` when its frozen layer is not a plain frozen
+    ``nn.Linear`` / ``Conv1D`` without hooks (:meth:`MELoRALinear.path_for`).
+    """
+    if n == 1:
+        return "dense"
+    balance = MACHINE_BALANCE.get(torch.device(device).type, DEFAULT_MACHINE_BALANCE)
+    if 2 * n * r <= balance * dtype.itemsize and tokens >= DENSE_MIN_TOKENS_PER_RANK * n * r:
+        return "dense"
+    return "fused" if needs_grad and FUSED_BACKWARD else "bmm"
 
 
 @dataclass
@@ -128,6 +187,22 @@ class LoRAConfig(MELoRAConfig):
         return "-"
 
 
+def _add_block_products(out: torch.Tensor, batch1: torch.Tensor, batch2: torch.Tensor, beta: float = 1.0) -> torch.Tensor:
+    """``out_i ← beta · out_i + batch1_i @ batch2_i`` for each column block ``i`` of ``out``.
+
+    ``out`` ``(T, n·c)``, ``batch1`` ``(n, T, b)``, ``batch2`` ``(n, b, c)``. In eager mode in place,
+    through a strided ``(n, T, c)`` view of ``out`` (``beta = 0``: ``out`` is not read). Under
+    ``torch.compile`` out of place: functionalization cannot replay an in-place op on a transposed
+    view, and inductor fuses the add anyway.
+    """
+    n, c = batch2.shape[0], batch2.shape[2]
+    if torch.compiler.is_compiling():
+        product = torch.bmm(batch1, batch2).transpose(0, 1).reshape(out.shape)
+        return product if beta == 0 else out + product
+    out.view(-1, n, c).transpose(0, 1).baddbmm_(batch1, batch2, beta=beta)
+    return out
+
+
 class MELoRALinear(AdapterLayer):
     """A frozen linear layer plus ``n`` mini LoRAs of rank ``r`` on the diagonal.
 
@@ -148,11 +223,28 @@ class MELoRALinear(AdapterLayer):
         ``lora_A``: ``(n, r, d_in/n)``; ``lora_B``: ``(n, d_out/n, r)``;
         input ``(..., d_in)`` → output ``(..., d_out)``.
 
+    Formulation:
+        ``layer.path`` is ``"auto"`` (default: :func:`choose_path` picks per
+        call from ``(d_in, d_out, n, r, tokens, dtype, device)`` and whether
+        gradients are needed) or one of ``PATHS`` to force it, e.g.
+        ``layer.path = "dense"``; every path gives the same output and
+        gradients up to rounding.
+
+    Precision:
+        The frozen output keeps its dtype (under autocast, the autocast dtype,
+        as the base layer's product). The first adapter product runs in the
+        autocast dtype under ``torch.autocast``, else in the factors' dtype;
+        the second product and the addition run in the frozen output's dtype.
+        So under bf16 autocast all adapter math is bf16, as PEFT's LoRA under
+        autocast, while the factors and their gradients stay in their own
+        dtype (fp32 master weights).
+
     Raises:
         ValueError: if ``n`` does not divide ``d_in`` or ``d_out``.
     """
 
     adapter_param_names = ("lora_A", "lora_B")
+    path: str = "auto"
 
     def __init__(
         self,
@@ -198,29 +290,90 @@ class MELoRALinear(AdapterLayer):
         nn.init.zeros_(self.lora_B)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        result = self.base_layer(x)
         if self.merged:
-            return result
-        return self.add_adapter_output(result, self.lora_dropout(x))
+            return self.base_layer(x)
+        path = self.path_for(x)
+        if path == "fused":
+            return self._fused_forward(x)
+        return self.add_adapter_output(self.base_layer(x), self.lora_dropout(x), path)
 
-    def add_adapter_output(self, result: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    def path_for(self, x: torch.Tensor) -> str:
+        """The formulation this layer uses for input ``x``: ``self.path``, or :func:`choose_path`'s."""
+        if self.path == "auto":
+            needs_grad = torch.is_grad_enabled() and (x.requires_grad or self.lora_A.requires_grad or self.lora_B.requires_grad)
+            dtype = self._adapter_dtype(x)
+            path = choose_path(self.d_in, self.d_out, self.n, self.r, x.numel() // self.d_in, dtype, x.device, needs_grad)
+            return "bmm" if path == "fused" and not self._fusable() else path
+        if self.path not in PATHS:
+            raise ValueError(f"path={self.path!r} is unknown; set layer.path to 'auto' or one of {PATHS}")
+        if self.path == "fused" and not self._fusable():
+            raise ValueError(
+                f"path='fused' needs a frozen nn.Linear or Conv1D without hooks as base_layer, got "
+                f"{type(self.base_layer).__name__}; set layer.path to 'bmm' or 'dense'"
+            )
+        return self.path
+
+    def _fusable(self) -> bool:
+        # "fused" computes the frozen layer itself: only for the plain layers whose forward it repeats.
+        base = self.base_layer
+        if type(base) is not nn.Linear and not (Conv1D and type(base) is Conv1D):
+            return False
+        if base.weight.requires_grad or (base.bias is not None and base.bias.requires_grad):
+            return False
+        return not (base._forward_hooks or base._forward_pre_hooks)
+
+    def _adapter_dtype(self, x: torch.Tensor) -> torch.dtype:
+        """Dtype of the first product: the autocast dtype under autocast, else the factors'."""
+        if torch.is_autocast_enabled(x.device.type):
+            return torch.get_autocast_dtype(x.device.type)
+        return self.lora_A.dtype
+
+    def add_adapter_output(self, result: torch.Tensor, x: torch.Tensor, path: str | None = None) -> torch.Tensor:
         """``result += s · concat_i(B_i A_i x_i)``, in place, without a Python loop.
 
         Args:
-            result: Frozen output, ``(..., d_out)``, contiguous.
+            result: Frozen output, ``(..., d_out)``.
             x: Adapter input (after dropout), ``(..., d_in)``.
+            path: ``"bmm"`` or ``"dense"``; ``None``: :meth:`path_for` (``"fused"``
+                becomes ``"bmm"``, its forward).
         """
-        n, k, m = self.n, self.d_in // self.n, self.d_out // self.n
+        path = path or self.path_for(x)
         if not result.is_contiguous():
             result = result.contiguous()
-        x = x.to(self.lora_A.dtype)
+        x = x.to(self._adapter_dtype(x))
+        if path == "dense":
+            A, B = self.dense_factors()
+            hidden = x.reshape(-1, self.d_in) @ A.T  # (T, n·r)
+            # Scale the small (T, n·r) intermediate rather than the (T, d_out) output.
+            hidden = hidden * self.scaling
+            result.view(-1, self.d_out).addmm_(hidden.to(result.dtype), B.T.to(result.dtype))
+            return result
+        n, k, m = self.n, self.d_in // self.n, self.d_out // self.n
         x_blocks = x.reshape(-1, n, k).transpose(0, 1)  # (n, T, d_in/n), strided view
         hidden = torch.bmm(x_blocks, self.lora_A.transpose(1, 2))  # (n, T, r)
-        # Scale the small (n, T, r) intermediate rather than the (T, d_out) output.
         hidden = hidden * self.scaling
-        out_blocks = result.view(-1, n, m).transpose(0, 1)  # (n, T, d_out/n), view of result
-        out_blocks.baddbmm_(hidden.to(result.dtype), self.lora_B.transpose(1, 2).to(result.dtype))
-        return result
+        out = _add_block_products(result.view(-1, n * m), hidden.to(result.dtype), self.lora_B.transpose(1, 2).to(result.dtype))
+        return out.view(result.shape)
+
+    def dense_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``blockdiag(A_1..A_n)`` ``(n·r, d_in)`` and ``blockdiag(B_1..B_n)`` ``(d_out, n·r)``, differentiable."""
+        if self.n == 1:
+            return self.lora_A[0], self.lora_B[0]
+        n, r = self.n, self.r
+        # diag_embed puts block i at [i, :, i, :] of an (n, ·, n, ·) tensor in one op (torch.block_diag takes n).
+        A = torch.diag_embed(self.lora_A.permute(1, 2, 0), dim1=0, dim2=2).reshape(n * r, self.d_in)
+        B = torch.diag_embed(self.lora_B.permute(1, 2, 0), dim1=0, dim2=2).reshape(self.d_out, n * r)
+        return A, B
+
+    def _fused_forward(self, x: torch.Tensor) -> torch.Tensor:
+        base = self.base_layer
+        # Without dropout the adapter's input gradient is added into the frozen layer's in place.
+        shared = isinstance(self.lora_dropout, nn.Identity) or not self.lora_dropout.training
+        out = _FusedMELoRA.apply(
+            x, None if shared else self.lora_dropout(x), base.weight, base.bias, self.lora_A, self.lora_B,
+            self.scaling, self.fan_in_fan_out, self._adapter_dtype(x),
+        )  # fmt: skip
+        return out.view(*x.shape[:-1], self.d_out)
 
     def delta_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Dense ``ΔW = s · blockdiag(B_i A_i)``, ``(d_out, d_in)``.
@@ -236,6 +389,70 @@ class MELoRALinear(AdapterLayer):
             f"d_in={self.d_in}, d_out={self.d_out}, n={self.n}, r={self.r}, "
             f"equivalent_rank={self.equivalent_rank}, scaling={self.scaling:g}"
         )
+
+
+class _FusedMELoRA(torch.autograd.Function):
+    """``h = base(x) + s · concat_i(B_i A_i x'_i)`` with the ``"bmm"`` products and a copy-free backward.
+
+    ``x'`` is ``adapter_x`` (``x`` after dropout), or ``x`` itself when
+    ``adapter_x`` is ``None``: then the adapter's input gradient is added into
+    the frozen layer's ``g·W`` in place through a strided ``(n, T, d_in/n)``
+    view, as the forward adds into the frozen output. Shapes: ``x`` ``(..., d_in)``;
+    ``weight`` ``(d_out, d_in)`` (``(d_in, d_out)`` if ``fan_in_fan_out``);
+    ``lora_A`` ``(n, r, d_in/n)``; ``lora_B`` ``(n, d_out/n, r)``; output
+    ``(T, d_out)``. The frozen weight and bias get no gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, x, adapter_x, weight, bias, lora_A, lora_B, scaling, fan_in_fan_out, adapter_dtype):
+        n, d_in = lora_A.shape[0], x.shape[-1]
+        k = d_in // n
+        x2 = x.reshape(-1, d_in)
+        if torch.is_autocast_enabled(x.device.type):
+            # The casts autocast would make for the frozen layer's op, made once: the backward reuses
+            # the weight's and, without dropout, the adapter shares the input's.
+            dtype = torch.get_autocast_dtype(x.device.type)
+            x2, weight, bias = x2.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)
+        # The frozen layer's own op (nn.Linear's, Conv1D's).
+        if fan_in_fan_out:
+            result = torch.addmm(bias, x2, weight) if bias is not None else torch.mm(x2, weight)
+        else:
+            result = F.linear(x2, weight, bias)
+        xa = (x2 if adapter_x is None else adapter_x.reshape(-1, d_in)).to(adapter_dtype)
+        A = lora_A.to(adapter_dtype)
+        B = lora_B.to(result.dtype)
+        hidden = torch.bmm(xa.reshape(-1, n, k).transpose(0, 1), A.transpose(1, 2)) * scaling  # (n, T, r)
+        hidden = hidden.to(result.dtype)
+        result = _add_block_products(result, hidden, B.transpose(1, 2))
+        ctx.save_for_backward(xa, weight, A, B, hidden)
+        ctx.scaling, ctx.fan_in_fan_out, ctx.shared, ctx.x_shape = scaling, fan_in_fan_out, adapter_x is None, x.shape
+        ctx.dtypes = (x.dtype, lora_A.dtype, lora_B.dtype, None if adapter_x is None else adapter_x.dtype)
+        return result
+
+    @staticmethod
+    def backward(ctx, grad):
+        xa, weight, A, B, hidden = ctx.saved_tensors
+        x_dtype, A_dtype, B_dtype, adapter_x_dtype = ctx.dtypes
+        n, r, k = A.shape
+        m = B.shape[1]
+        g = grad.reshape(-1, n * m).to(B.dtype).contiguous()
+        g_blocks = g.view(-1, n, m).transpose(0, 1)  # (n, T, d_out/n), strided view
+        grad_hidden = (torch.bmm(g_blocks, B) * ctx.scaling).to(A.dtype)  # (n, T, r)
+        xa_blocks = xa.reshape(-1, n, k).transpose(0, 1)
+        need = ctx.needs_input_grad
+        grad_A = torch.bmm(grad_hidden.transpose(1, 2), xa_blocks).to(A_dtype) if need[4] else None
+        grad_B = torch.bmm(g_blocks.transpose(1, 2), hidden).to(B_dtype) if need[5] else None
+        grad_x = grad_adapter_x = None
+        if need[0]:
+            grad_x = g @ weight.T if ctx.fan_in_fan_out else g @ weight  # (T, d_in), in the output's dtype
+            if ctx.shared:
+                grad_x = _add_block_products(grad_x, grad_hidden.to(grad_x.dtype), A.to(grad_x.dtype))
+            grad_x = grad_x.to(x_dtype).view(ctx.x_shape)
+        if not ctx.shared and need[1]:
+            # beta=0: the empty buffer is ignored, not read.
+            grad_adapter_x = _add_block_products(torch.empty(xa.shape, dtype=A.dtype, device=xa.device), grad_hidden, A, beta=0)
+            grad_adapter_x = grad_adapter_x.to(adapter_x_dtype).view(ctx.x_shape)
+        return grad_x, grad_adapter_x, None, None, grad_A, grad_B, None, None, None
 
 
 @register

@@ -58,6 +58,9 @@ class TrainerConfig:
         group_by_length: Build each micro-batch from examples of similar length
             (less padding: faster on CPUs, where compute follows the padded
             length). The order stays random and depends only on the seed and epoch.
+        compile: ``torch.compile`` the model (in place, inductor, graph breaks
+            allowed) after ``accelerator.prepare``. ``False``, the default,
+            leaves a run's config hash what it was before this option existed.
     """
 
     epochs: int = 3
@@ -76,6 +79,7 @@ class TrainerConfig:
     progress: bool = True
     num_workers: int = 0
     group_by_length: bool = False
+    compile: bool = False
 
 
 def resolve_mixed_precision(choice: str) -> str:
@@ -177,6 +181,8 @@ class Trainer:
         loader = DataLoader(self.train_dataset, batch_sampler=batches, collate_fn=self.collate_fn, num_workers=cfg.num_workers)
         optimizer = torch.optim.AdamW(optimizer_groups(self.model, cfg.weight_decay), lr=cfg.lr)
         model, optimizer, loader = accelerator.prepare(self.model, optimizer, loader)
+        if cfg.compile:
+            model.compile()  # in place: parameter names, checkpoints and saved adapters stay as they are
         unwrapped = accelerator.unwrap_model(model)
 
         accum = accelerator.gradient_accumulation_steps

@@ -1,0 +1,147 @@
+"""Every formulation of MELoRALinear's product (``layer.path``) against a dense float64 reference, and the cost rule."""
+
+import pytest
+import torch
+import torch.nn as nn
+from transformers.pytorch_utils import Conv1D
+
+import melora.adapters.melora as melora_layer
+from melora import MELoRALinear
+from melora.adapters.melora import PATHS, choose_path
+
+SHAPES = [(24, 40, n, r) for n in (1, 2, 4, 8) for r in (1, 2, 8)] + [(64, 16, 2, 8), (64, 16, 8, 1)]  # (d_in, d_out, n, r)
+LEADS = [(7,), (2, 3)]  # 2-D and 3-D inputs
+TOL = {torch.float64: {"rtol": 1e-12, "atol": 1e-12}, torch.float32: {"rtol": 1e-5, "atol": 1e-4}}
+
+
+def random_layer(d_in, d_out, n, r, dtype, base=None, **kwargs):
+    torch.manual_seed(0)
+    layer = MELoRALinear(base or nn.Linear(d_in, d_out, dtype=dtype), n=n, r=r, alpha=16.0, **kwargs)
+    with torch.no_grad():  # B = 0 at init would make every check trivial
+        layer.lora_B.normal_()
+    return layer
+
+
+def reference(layer, x, mask=None, upstream=None):
+    """Output and gradients (x, A, B) of W x + b + s·blockdiag(B_i)·blockdiag(A_i)·(mask ⊙ x), all in float64."""
+    W = layer.base_layer.weight.detach().double()
+    W = W.T if layer.fan_in_fan_out else W
+    b = layer.base_layer.bias.detach().double()
+    A = layer.lora_A.detach().double().requires_grad_(True)
+    B = layer.lora_B.detach().double().requires_grad_(True)
+    x = x.detach().double().requires_grad_(True)
+    xa = x if mask is None else x * mask.double()
+    out = x @ W.T + b + layer.scaling * (xa @ torch.block_diag(*A).T @ torch.block_diag(*B).T)
+    (out * upstream.double()).sum().backward()
+    return out, x.grad, A.grad, B.grad
+
+
+def run(layer, x, upstream):
+    x = x.detach().clone().requires_grad_(True)
+    out = layer(x)
+    (out * upstream).sum().backward()
+    return out, x.grad, layer.lora_A.grad, layer.lora_B.grad
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+@pytest.mark.parametrize("lead", LEADS, ids=["2d", "3d"])
+@pytest.mark.parametrize("d_in,d_out,n,r", SHAPES)
+@pytest.mark.parametrize("path", PATHS)
+def test_every_path_matches_dense_float64(path, d_in, d_out, n, r, lead, dtype):
+    layer = random_layer(d_in, d_out, n, r, dtype)
+    layer.path = path
+    assert layer.path_for(torch.zeros(1, d_in, dtype=dtype)) == path  # forced, whatever the rule says
+    x = torch.randn(*lead, d_in, dtype=dtype)
+    upstream = torch.randn(*lead, d_out, dtype=dtype)
+    got = run(layer, x, upstream)
+    want = reference(layer, x, upstream=upstream)
+    assert got[0].shape == (*lead, d_out) and got[0].dtype == dtype
+    for name, g, w in zip(("output", "grad x", "grad A", "grad B"), got, want):
+        torch.testing.assert_close(g.double(), w.detach(), **TOL[dtype], msg=lambda m: f"{path} {name}: {m}")
+    assert layer.base_layer.weight.grad is None and layer.base_layer.bias.grad is None
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_every_path_with_dropout_and_conv1d(path):
+    """Dropout gives the adapter its own input (the fused backward's unshared branch); Conv1D stores W transposed."""
+    torch.manual_seed(0)
+    conv = Conv1D(40, 24).double()
+    layer = random_layer(24, 40, 4, 2, torch.float64, base=conv, dropout=0.5)
+    layer.path = path
+    layer.train()
+    x = torch.randn(2, 5, 24, dtype=torch.float64)
+    upstream = torch.randn(2, 5, 40, dtype=torch.float64)
+    torch.manual_seed(1)
+    got = run(layer, x, upstream)
+    torch.manual_seed(1)
+    mask = layer.lora_dropout(torch.ones_like(x))  # the same draw: one dropout call per forward on every path
+    want = reference(layer, x, mask, upstream)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w.detach(), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_every_path_without_grad_and_after_merge(path):
+    layer = random_layer(24, 40, 8, 2, torch.float64)
+    layer.path = path
+    x = torch.randn(3, 24, dtype=torch.float64)
+    with torch.no_grad():
+        out = layer(x)
+    torch.testing.assert_close(out, reference(layer, x, upstream=torch.zeros(3, 40))[0].detach())
+    layer.merge()
+    torch.testing.assert_close(layer(x), out)
+
+
+@pytest.fixture
+def rule(monkeypatch):
+    """The rule with its thresholds pinned, so calibrating the constants does not rewrite these cases."""
+    monkeypatch.setattr(melora_layer, "MACHINE_BALANCE", {"cpu": 8.0, "cuda": 64.0})
+    monkeypatch.setattr(melora_layer, "DEFAULT_MACHINE_BALANCE", 8.0)
+    monkeypatch.setattr(melora_layer, "DENSE_MIN_TOKENS_PER_RANK", 4)
+    monkeypatch.setattr(melora_layer, "FUSED_BACKWARD", True)
+    return choose_path
+
+
+@pytest.mark.parametrize(
+    "d,n,r,tokens,dtype,device,needs_grad,expected",
+    [
+        (768, 1, 8, 512, torch.float32, "cpu", True, "dense"),  # n = 1 is plain LoRA
+        (4096, 1, 64, 1, torch.bfloat16, "cuda", False, "dense"),
+        (768, 4, 2, 512, torch.float32, "cpu", True, "dense"),  # 2·n·r = 16 ≤ 8·4
+        (768, 4, 4, 512, torch.float32, "cpu", True, "dense"),  # 32 ≤ 32
+        (768, 8, 4, 512, torch.float32, "cpu", True, "fused"),  # 64 > 32
+        (768, 8, 4, 512, torch.float32, "cpu", False, "bmm"),  # same, inference
+        (768, 4, 4, 512, torch.bfloat16, "cpu", True, "fused"),  # 32 > 8·2: bf16 halves the bytes per FLOP
+        (768, 4, 2, 16, torch.float32, "cpu", True, "fused"),  # T = 16 < 4·n·r: building blockdiag would dominate
+        (4096, 64, 1, 4096, torch.bfloat16, "cuda", True, "dense"),  # 128 ≤ 64·2
+        (4096, 16, 8, 4096, torch.bfloat16, "cuda", True, "fused"),  # 256 > 128
+        (4096, 16, 8, 4096, torch.bfloat16, "meta", True, "fused"),  # other devices: DEFAULT_MACHINE_BALANCE
+    ],
+)
+def test_cost_rule_picks_the_documented_path(rule, d, n, r, tokens, dtype, device, needs_grad, expected):
+    assert rule(d, d, n, r, tokens, dtype, device, needs_grad) == expected
+
+
+def test_layer_asks_the_rule_with_its_call(rule):
+    layer = MELoRALinear(nn.Linear(64, 64), n=8, r=4)  # 2·n·r = 64 > 32: fused with grad, bmm without
+    x = torch.randn(256, 64)
+    assert layer.path_for(x) == "fused"
+    with torch.no_grad():
+        assert layer.path_for(x) == "bmm"
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert MELoRALinear(nn.Linear(64, 64), n=4, r=4).path_for(x) == "fused"  # bf16: 32 > 16
+    assert MELoRALinear(nn.Linear(64, 64), n=4, r=4).path_for(x) == "dense"  # fp32: 32 ≤ 32
+    assert MELoRALinear(nn.Linear(64, 64), n=4, r=4).path_for(x[:8]) == "fused"  # 8 tokens < 4·16
+
+
+def test_fused_needs_a_plain_frozen_base(rule):
+    layer = MELoRALinear(nn.Linear(64, 64), n=8, r=4)
+    x = torch.randn(256, 64)
+    layer.base_layer.register_forward_hook(lambda module, args, out: None)
+    assert layer.path_for(x) == "bmm"  # the rule's "fused" would skip the hook
+    layer.path = "fused"
+    with pytest.raises(ValueError, match="path='fused' needs a frozen nn.Linear or Conv1D without hooks"):
+        layer(x)
+    layer.path = "loop"
+    with pytest.raises(ValueError, match=r"path='loop' is unknown; set layer.path to 'auto' or one of \('bmm', 'dense', 'fused'\)"):
+        layer(x)
