@@ -143,12 +143,30 @@ def _from_pretrained(loader, spec: dict, path: str, **kwargs):
         ) from None
 
 
+def ensure_pad_token(tokenizer) -> int:
+    """Gives the tokenizer a pad token if it has none and returns its id.
+
+    The EOS token is reused (then UNK); a new token is never added, because that
+    would need the model's embeddings resized. Padding is always masked out.
+
+    Raises:
+        ValueError: the tokenizer has neither pad, EOS nor UNK token.
+    """
+    if tokenizer.pad_token_id is None:
+        if tokenizer.eos_token is not None:
+            tokenizer.pad_token = tokenizer.eos_token
+        elif tokenizer.unk_token is not None:
+            tokenizer.pad_token = tokenizer.unk_token
+        else:
+            raise ValueError("tokenizer has no pad, eos or unk token to pad with")
+    return int(tokenizer.pad_token_id)
+
+
 def load_tokenizer(spec: dict):
     from transformers import AutoTokenizer
 
     tokenizer = _from_pretrained(AutoTokenizer, spec, resolve_model_path(spec))
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    ensure_pad_token(tokenizer)
     return tokenizer
 
 

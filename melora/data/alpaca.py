@@ -438,7 +438,7 @@ class CausalLMCollator:
 
     @classmethod
     def from_tokenizer(cls, tokenizer: Any, pad_to_multiple_of: int | None = None) -> CausalLMCollator:
-        """Build a collator padding with the tokenizer's pad id, else its EOS id.
+        """Build a collator padding with the tokenizer's pad id (given one if it has none: its EOS, else UNK).
 
         The pad value is masked out by ``attention_mask`` and ``labels``, so
         reusing EOS (LLaMA tokenizers have no pad token) is harmless.
@@ -451,12 +451,11 @@ class CausalLMCollator:
             CausalLMCollator: The collator.
 
         Raises:
-            ValueError: If the tokenizer has neither a pad nor an EOS token.
+            ValueError: If the tokenizer has neither a pad, EOS nor UNK token.
         """
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        if pad_id is None:
-            raise ValueError("The tokenizer has neither a pad_token nor an eos_token; pass pad_token_id explicitly.")
-        return cls(pad_token_id=pad_id, pad_to_multiple_of=pad_to_multiple_of)
+        from melora.models import ensure_pad_token
+
+        return cls(pad_token_id=ensure_pad_token(tokenizer), pad_to_multiple_of=pad_to_multiple_of)
 
     def __call__(self, features: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
         """Pad a list of features.

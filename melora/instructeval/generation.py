@@ -17,24 +17,7 @@ from collections.abc import Iterator, Sequence
 import torch
 from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
-
-def ensure_pad_token(tokenizer) -> int:
-    """Gives the tokenizer a pad token if it has none and returns its id.
-
-    The EOS token is reused (then UNK); a new token is never added, because that
-    would need the model's embeddings resized. Padding is always masked out.
-
-    Raises:
-        ValueError: the tokenizer has neither pad, EOS nor UNK token.
-    """
-    if tokenizer.pad_token_id is None:
-        if tokenizer.eos_token is not None:
-            tokenizer.pad_token = tokenizer.eos_token
-        elif tokenizer.unk_token is not None:
-            tokenizer.pad_token = tokenizer.unk_token
-        else:
-            raise ValueError("tokenizer has no pad, eos or unk token to pad with")
-    return int(tokenizer.pad_token_id)
+from melora.models import ensure_pad_token
 
 
 def model_device(model: torch.nn.Module) -> torch.device:

@@ -367,13 +367,20 @@ def test_collator_multiple_and_no_labels():
 def test_collator_from_tokenizer(bert_tokenizer):
     assert CausalLMCollator.from_tokenizer(bert_tokenizer).pad_token_id == bert_tokenizer.pad_token_id
 
-    class NoPad:
-        pad_token_id = None
-        eos_token_id = 2
+    class NoPad:  # a LLaMA-style tokenizer: EOS but no pad token
+        ids = {"</s>": 2, "<unk>": 0}
+        pad_token_id, eos_token, unk_token = None, "</s>", "<unk>"
 
-    assert CausalLMCollator.from_tokenizer(NoPad()).pad_token_id == 2
-    NoPad.eos_token_id = None
-    with pytest.raises(ValueError, match="neither a pad_token nor an eos_token"):
+        def __setattr__(self, name, value):
+            super().__setattr__(name, value)
+            if name == "pad_token":
+                super().__setattr__("pad_token_id", self.ids[value])
+
+    assert CausalLMCollator.from_tokenizer(NoPad()).pad_token_id == 2  # EOS
+    NoPad.eos_token = None
+    assert CausalLMCollator.from_tokenizer(NoPad()).pad_token_id == 0  # then UNK
+    NoPad.unk_token = None
+    with pytest.raises(ValueError, match="no pad, eos or unk token"):
         CausalLMCollator.from_tokenizer(NoPad())
 
 
