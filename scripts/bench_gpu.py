@@ -432,11 +432,9 @@ def write_outputs(out_dir: Path, rows: list[dict], meta: dict) -> list[dict]:
 # ----------------------------------------------------------------------------- main
 
 
-def int_list(text: str) -> list[int]:
-    return [int(v) for v in text.split(",") if v]
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from bench_layer import int_list
+
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("results/bench"), help="folder for gpu.csv and gpu.md")
     for name, help_text in (("d", "layer widths"), ("n", "numbers of mini LoRAs"), ("r", "mini ranks"), ("tokens", "token counts T")):

@@ -52,36 +52,30 @@ def overrides_value(run, key: str) -> str | None:
 
 def method_tag(run) -> str:
     """The run's ``method.tag``, resolved from configs/method/<method>.yaml and the run's method.* overrides."""
-    return _tag(tuple(o for o in run.overrides if o.startswith("method")))
-
-
-@functools.lru_cache(maxsize=None)
-def _tag(method_overrides: tuple[str, ...]) -> str:
-    name = next(o.split("=", 1)[1] for o in method_overrides if o.startswith("method="))
-    node = OmegaConf.load(CONFIGS / "method" / f"{name}.yaml")
-    for o in method_overrides:
-        if o.startswith("method."):
-            key, value = o.split("=", 1)
-            OmegaConf.update(node, key.removeprefix("method."), yaml.safe_load(value))
-    return OmegaConf.create({"method": node}).method.tag
+    return OmegaConf.create({"method": _method_node(_method_overrides(run))}).method.tag
 
 
 def method_label(run) -> str:
     """The label of the run's adapter config (what tables group by), from its method.* overrides."""
-    return _label(tuple(o for o in run.overrides if o.startswith("method")))
+    node = OmegaConf.create(OmegaConf.to_container(_method_node(_method_overrides(run))))  # a copy: the node is cached
+    node.target_modules, node.modules_to_save = ["query"], []
+    del node["tag"]  # a folder name: not part of the config
+    return adapter_config(node, total_steps=1000).label()
+
+
+def _method_overrides(run) -> tuple[str, ...]:
+    return tuple(o for o in run.overrides if o.startswith("method"))
 
 
 @functools.lru_cache(maxsize=None)
-def _label(method_overrides: tuple[str, ...]) -> str:
+def _method_node(method_overrides: tuple[str, ...]):
     name = next(o.split("=", 1)[1] for o in method_overrides if o.startswith("method="))
     node = OmegaConf.load(CONFIGS / "method" / f"{name}.yaml")
     for o in method_overrides:
         if o.startswith("method."):
             key, value = o.split("=", 1)
             OmegaConf.update(node, key.removeprefix("method."), yaml.safe_load(value))
-    node.target_modules, node.modules_to_save = ["query"], []
-    del node["tag"]  # a folder name: not part of the config
-    return adapter_config(node, total_steps=1000).label()
+    return node
 
 
 @pytest.mark.parametrize("name", SPECS)
