@@ -98,6 +98,25 @@ def dev_batches(dev, batch_size: int) -> list[list[int]]:
     return length_grouped_batches([len(ids) for ids in dev["input_ids"]], batch_size, window=len(dev), seed=None)
 
 
+class BatchItems(torch.utils.data.Dataset):
+    """Item ``i``: the features of micro-batch ``i``.
+
+    Loaded with ``batch_size=1``, so that accelerate shards whole micro-batches
+    and knows how many there are: ``gather_for_metrics`` then drops exactly the
+    micro-batches it repeated to even out the processes (with a ``batch_sampler``
+    over the examples it cannot, and would count them twice).
+    """
+
+    def __init__(self, dataset, batches: list[list[int]]) -> None:
+        self.dataset, self.batches = dataset, batches
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, index: int) -> list[dict]:
+        return [self.dataset[i] for i in self.batches[index]]
+
+
 def make_dev_loss_evaluator(dev, batches: list[list[int]], collate_fn: Callable) -> Callable:
     """``evaluate(model, accelerator) -> {"dev_loss", "dev_ppl", "dev_tokens"}``.
 
@@ -110,7 +129,8 @@ def make_dev_loss_evaluator(dev, batches: list[list[int]], collate_fn: Callable)
 
     def evaluate(model, accelerator) -> dict[str, float]:
         if "loader" not in state:
-            state["loader"] = accelerator.prepare(DataLoader(dev, batch_sampler=batches, collate_fn=collate_fn))
+            items = BatchItems(dev, batches)
+            state["loader"] = accelerator.prepare(DataLoader(items, batch_size=1, collate_fn=lambda one: collate_fn(one[0])))
         total = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
         for batch in state["loader"]:
             loss_sum, n_tokens = token_losses(model, batch)
