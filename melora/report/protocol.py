@@ -85,22 +85,39 @@ def collect(records: list[dict]) -> tuple[dict, list[str]]:
     return dict(cells), failed
 
 
+def _mean_on(cell: Cell, seeds: set) -> float:
+    values = [v for v, seed in zip(cell.values, cell.seeds) if seed in seeds]
+    return sum(values) / len(values)
+
+
 def choose(cells: dict, task: str, row: str) -> Choice | None:
     """The (setting, lr) of ``row`` on ``task`` with the highest mean validation metric.
 
     The lr is chosen per setting, then the setting at its chosen lr; ties go to
-    the smaller lr, then the first setting in sorted order. The dev set is never looked at.
+    the smaller lr, then the first setting in sorted order. Means are compared
+    over the seeds every compared candidate has (the grid's seeds), so the
+    seeds added later at the chosen lr cannot move the choice. The dev set is
+    never looked at.
     """
     options = {(s, lr): c for (t, rw, s, lr), c in cells.items() if t == task and rw == row}
     if not options:
         return None
-    validation = lambda setting, lr: options[(setting, lr)][0].mean  # noqa: E731
+
+    def common(keys) -> set:
+        seeds = set.intersection(*(set(options[k][0].seeds) for k in keys))
+        return seeds or set.union(*(set(options[k][0].seeds) for k in keys))
+
     best_lr = {}
-    for setting, lr in sorted(options):  # max keeps the first of equals: the smaller lr
-        best_lr[setting] = max(best_lr.get(setting, lr), lr, key=lambda x: validation(setting, x))
-    setting = max(sorted(best_lr), key=lambda s: validation(s, best_lr[s]))
-    val, dev = options[(setting, best_lr[setting])]
-    return Choice(setting=setting, lr=best_lr[setting], validation=val, dev=dev, candidates=len(options),
+    for setting in sorted({s for s, _ in options}):
+        keys = sorted(k for k in options if k[0] == setting)
+        seeds = common(keys)
+        # max keeps the first of equals: the smaller lr
+        best_lr[setting] = max(keys, key=lambda k: _mean_on(options[k][0], seeds))[1]
+    finalists = [(s, lr) for s, lr in best_lr.items()]
+    seeds = common(finalists)
+    setting, lr = max(finalists, key=lambda k: _mean_on(options[k][0], seeds))
+    val, dev = options[(setting, lr)]
+    return Choice(setting=setting, lr=lr, validation=val, dev=dev, candidates=len(options),
                   lrs_tried=sum(1 for s, _ in options if s == setting))
 
 

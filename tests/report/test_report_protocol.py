@@ -59,3 +59,11 @@ def test_forest_plot_draws_one_line_per_paired_cell(tmp_path):
     assert len(fig.axes[0].get_yticklabels()) == 2
     assert all(p.is_file() for p in save_figure(fig, tmp_path, "verdicts"))
     assert forest_plot(build([record("sst2", "lora", 1e-3, 0, 0.8, 0.8)])) is None
+
+
+def test_seeds_added_at_the_chosen_lr_do_not_move_the_choice():
+    """The grid ran seed 0 at every lr; seeds 1-4 ran at the lr it chose. Means are compared on seed 0 only."""
+    records = [record("sst2", "lora", 1e-3, 0, 0.80, 0.70), record("sst2", "lora", 3e-3, 0, 0.78, 0.90)]
+    records += [record("sst2", "lora", 1e-3, seed, 0.70, 0.71) for seed in range(1, 5)]  # a 5-seed mean of 0.72 < 0.78
+    choice = build(records).rows["LoRA r=8"]["sst2"]
+    assert (choice.lr, choice.dev.n, choice.lrs_tried) == (1e-3, 5, 2)
