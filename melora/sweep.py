@@ -151,12 +151,12 @@ def run_completed(run_dir: str) -> bool:
 
 def _job_threads(sweeper) -> int | None:
     """Threads per job of a local launcher (``cores / n_jobs``); ``None`` for cluster launchers."""
-    n_jobs = sweeper.config.hydra.launcher.get("n_jobs")
     if sweeper.threads_per_job:
         return sweeper.threads_per_job
+    n_jobs = sweeper.config.hydra.launcher.get("n_jobs")
     if n_jobs is None:
         return None
-    return max(1, (os.cpu_count() or 1) // max(1, n_jobs if n_jobs > 0 else os.cpu_count() or 1))
+    return max(1, (os.cpu_count() or 1) // n_jobs) if n_jobs > 0 else 1  # n_jobs <= 0: joblib's one job per core
 
 
 def sweep_specs(sweeper, arguments: list[str]) -> list:
