@@ -1,6 +1,6 @@
 """The run scaffold shared by every training entry point, and the glue between Hydra configs and the library.
 
-``train_run(cfg, kind, task)`` is one run: config → data → model → method →
+``train_run(cfg, task)`` is one run: config → data → model → method →
 trainer → record. The entry points (``melora.glue``, ``melora.instruct``) give
 it a ``RunTask``: how to load their data and model, how to evaluate, and the
 record fields only they know.
@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from melora.adapters.base import AdapterConfig, config_class
 from melora.runs import config_hash, move_aside, read_record
+from melora.train.runlock import exclusive_run
 from melora.train.trainer import TrainerConfig
 
 if TYPE_CHECKING:
@@ -184,7 +185,12 @@ class RunTask:
     prepare: Callable[["nn.Module", RunData, dict | None], dict] | None = None
     record: Callable[[DictConfig], dict] | None = None
 
+    def train(self, cfg: DictConfig) -> dict:
+        """One run of this task in ``cfg.run_dir``: :func:`train_run`'s record."""
+        return train_run(cfg, self)
 
+
+@exclusive_run  # one process per run folder: another one skips it
 def train_run(cfg: DictConfig, task: RunTask) -> dict:
     """Train one run of ``cfg`` in ``cfg.run_dir`` and return its record (``record.json``).
 
@@ -263,7 +269,7 @@ def train_run(cfg: DictConfig, task: RunTask) -> dict:
     return trainer.fit()
 
 
-def entry_point(config_name: str, work: Callable[[DictConfig], dict], result: str) -> Callable[[], Any]:
+def entry_point(config_name: str, work: Callable[[DictConfig], dict], result: str = "best_metric") -> Callable[[], Any]:
     """The Hydra ``main`` of an entry point: ``work(cfg)`` on ``configs/<config_name>.yaml`` and the command line.
 
     A configuration error ends it in one line (``cli_errors``). It returns the

@@ -17,8 +17,7 @@ import logging
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from melora.experiment import RunData, RunTask, entry_point, train_run
-from melora.train.runlock import exclusive_run
+from melora.experiment import RunData, RunTask, entry_point
 
 log = logging.getLogger(__name__)
 
@@ -120,14 +119,8 @@ def glue_model(cfg: DictConfig):
 
 GLUE = RunTask(kind="glue", data=glue_data, model=glue_model)
 
-
-@exclusive_run  # one process per run folder: another one skips it
-def train_glue(cfg: DictConfig) -> dict:
-    """Fine-tune ``cfg.model`` with ``cfg.method`` on ``cfg.task``; returns the record."""
-    return train_run(cfg, GLUE)
-
-
-main = entry_point("config", train_glue, result="best_metric")
+train_glue = GLUE.train  # cfg -> run record; a run folder another process holds is skipped
+main = entry_point("config", train_glue)
 
 if __name__ == "__main__":
     main()

@@ -32,9 +32,8 @@ import torch
 from omegaconf import DictConfig
 
 from melora.data.alpaca import IGNORE_INDEX
-from melora.experiment import RunData, RunTask, entry_point, train_run
+from melora.experiment import RunData, RunTask, entry_point
 from melora.train.batching import FixedBatches, length_grouped_batches, padding_fraction
-from melora.train.runlock import exclusive_run
 from melora.train.trainer import TrainerConfig
 
 log = logging.getLogger(__name__)
@@ -248,14 +247,8 @@ def instruct_record(cfg: DictConfig) -> dict:
 
 INSTRUCT = RunTask(kind="instruct", data=alpaca_data, model=load_instruct_model, prepare=prepare_instruct_model, record=instruct_record)
 
-
-@exclusive_run  # one process per run folder: another one skips it
-def train_instruct(cfg: DictConfig) -> dict:
-    """Fine-tune ``cfg.model`` with ``cfg.method`` on ``cfg.task`` (Alpaca); returns the record."""
-    return train_run(cfg, INSTRUCT)
-
-
-main = entry_point("instruct", train_instruct, result="best_metric")
+train_instruct = INSTRUCT.train  # cfg -> run record; a run folder another process holds is skipped
+main = entry_point("instruct", train_instruct)
 
 if __name__ == "__main__":
     main()

@@ -14,7 +14,7 @@ A spec (``experiments/<name>.yaml``) lists groups of runs as Hydra overrides::
       - profiles: [paper]           # optional: the group runs at these profiles only
         tasks: [glue/mrpc]
         methods:
-          - [method=dylora, method.r=8]
+          - [method=lora, method.r=16]
 
 ``expand(spec, profile)`` gives one override list per run (the cross product of
 tasks × methods × comma lists × seeds). The runs are a Hydra multirun: the

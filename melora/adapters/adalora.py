@@ -17,6 +17,8 @@ from melora.adapters.base import AdapterConfig, AdapterMethod, LayerSummary, che
 
 # The tensors of an AdaLoRA adapter in PEFT's state dict.
 _STATE_PARTS = ("lora_A", "lora_B", "lora_E", "ranknum", "modules_to_save")
+# Fields that peft.AdaLoraConfig names as we do (alpha, dropout and modules_to_save are mapped by hand).
+_PEFT_FIELDS = ("init_r", "target_r", "tinit", "tfinal", "deltaT", "beta1", "beta2", "orth_reg_weight", "total_step", "target_modules")
 
 
 @dataclass
@@ -72,20 +74,9 @@ class AdaLoRAMethod(AdapterMethod):
         c = self.config
         if not c.total_step:
             raise ValueError("AdaLoRA needs total_step (the number of optimiser steps); the trainer sets it, or pass it")
+        same_names = {name: getattr(c, name) for name in _PEFT_FIELDS}
         return peft.AdaLoraConfig(
-            init_r=c.init_r,
-            target_r=c.target_r,
-            lora_alpha=c.alpha,
-            lora_dropout=c.dropout,
-            tinit=c.tinit,
-            tfinal=c.tfinal,
-            deltaT=c.deltaT,
-            beta1=c.beta1,
-            beta2=c.beta2,
-            orth_reg_weight=c.orth_reg_weight,
-            total_step=c.total_step,
-            target_modules=c.target_modules,
-            modules_to_save=c.modules_to_save or None,
+            **same_names, lora_alpha=c.alpha, lora_dropout=c.dropout, modules_to_save=c.modules_to_save or None
         )
 
     def on_step_end(self, model: nn.Module, step: int) -> None:

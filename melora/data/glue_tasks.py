@@ -24,6 +24,9 @@ HUB_DATASET = "nyu-mll/glue"
 # Column reference in a TSV file: a header name, or a 0-based index for CoLA,
 # whose train/dev files have no header.
 ColumnRef = str | int
+# Split -> TSV file and split -> hub split of every task but MNLI.
+_FILES: Mapping[str, str] = MappingProxyType({"train": "train.tsv", "validation": "dev.tsv"})
+_SPLITS: Mapping[str, str] = MappingProxyType({"train": "train", "validation": "validation"})
 
 
 @dataclass(frozen=True)
@@ -36,15 +39,16 @@ class GlueTask:
         text_columns (tuple[tuple[str, ColumnRef], ...]): Pairs of
             (normalised hub column name, TSV column name or index), in input order.
         label_column (ColumnRef): TSV column holding the gold label.
+        label_names (tuple[str, ...] | None): Class names in hub id order;
+            ``None`` for the regression task STS-B.
+        metric_names (tuple[str, ...]): Keys returned by
+            :func:`melora.metrics.glue_metrics` for this task; the first one
+            selects models (:attr:`main_metric`).
+        raw_labels (Mapping[str, int] | None): TSV label string -> label id;
+            ``None``: the TSV writes the class name (``label_names`` in order).
         has_header (bool): Whether the TSV files start with a header row.
         num_columns (int | None): Exact number of fields per row for header-less
             files; ``None`` means "as many as the header".
-        label_names (tuple[str, ...] | None): Class names in hub id order;
-            ``None`` for the regression task STS-B.
-        raw_labels (Mapping[str, int]): TSV label string -> label id.
-        metric_names (tuple[str, ...]): Keys returned by
-            :func:`melora.metrics.glue_metrics` for this task.
-        main_metric (str): Metric used for model selection.
         local_files (Mapping[str, str]): Normalised split name -> TSV file name.
         hub_splits (Mapping[str, str]): Normalised split name -> hub split name.
     """
@@ -53,18 +57,23 @@ class GlueTask:
     dir_name: str
     text_columns: tuple[tuple[str, ColumnRef], ...]
     label_column: ColumnRef
-    has_header: bool
     label_names: tuple[str, ...] | None
-    raw_labels: Mapping[str, int]
     metric_names: tuple[str, ...]
-    main_metric: str
-    local_files: Mapping[str, str] = field(
-        default_factory=lambda: MappingProxyType({"train": "train.tsv", "validation": "dev.tsv"})
-    )
-    hub_splits: Mapping[str, str] = field(
-        default_factory=lambda: MappingProxyType({"train": "train", "validation": "validation"})
-    )
+    raw_labels: Mapping[str, int] | None = None
+    has_header: bool = True
     num_columns: int | None = None
+    local_files: Mapping[str, str] = field(default_factory=lambda: _FILES)
+    hub_splits: Mapping[str, str] = field(default_factory=lambda: _SPLITS)
+
+    def __post_init__(self) -> None:
+        if self.raw_labels is None:
+            by_name = MappingProxyType({n: i for i, n in enumerate(self.label_names or ())})
+            object.__setattr__(self, "raw_labels", by_name)
+
+    @property
+    def main_metric(self) -> str:
+        """str: The metric that selects models (the one the task's YAML names as ``metric``)."""
+        return self.metric_names[0]
 
     @property
     def is_regression(self) -> bool:
@@ -97,126 +106,38 @@ class GlueTask:
         return tuple(split for split in self.local_files if split != "train")
 
 
-# CoLA, SST-2, MRPC and QQP files write the label as "0"/"1", already the hub id.
+# CoLA, SST-2, MRPC and QQP files write the label as "0"/"1", already the hub id;
+# RTE, QNLI and MNLI write the class name; STS-B a float score.
 _DIGITS: Mapping[str, int] = MappingProxyType({"0": 0, "1": 1})
-
-
-def _by_name(names: tuple[str, ...]) -> Mapping[str, int]:
-    """TSV files of these tasks write the label as its class name."""
-    return MappingProxyType({n: i for i, n in enumerate(names)})
-
-
 _ENTAIL2 = ("entailment", "not_entailment")
 _MNLI = ("entailment", "neutral", "contradiction")
+_MNLI_FILES = MappingProxyType({"train": "train.tsv", "validation": "dev_matched.tsv", "validation_mismatched": "dev_mismatched.tsv"})
+_MNLI_SPLITS = MappingProxyType({"train": "train", "validation": "validation_matched", "validation_mismatched": "validation_mismatched"})
 
-GLUE_TASKS: Mapping[str, GlueTask] = MappingProxyType(
-    {
-        "cola": GlueTask(
-            name="cola",
-            dir_name="CoLA",
-            # source, label, original annotator mark, sentence
-            text_columns=(("sentence", 3),),
-            label_column=1,
-            has_header=False,
-            num_columns=4,
-            label_names=("unacceptable", "acceptable"),
-            raw_labels=_DIGITS,
-            metric_names=("matthews_correlation",),
-            main_metric="matthews_correlation",
-        ),
-        "sst2": GlueTask(
-            name="sst2",
-            dir_name="SST-2",
-            text_columns=(("sentence", "sentence"),),
-            label_column="label",
-            has_header=True,
-            label_names=("negative", "positive"),
-            raw_labels=_DIGITS,
-            metric_names=("accuracy",),
-            main_metric="accuracy",
-        ),
-        "mrpc": GlueTask(
-            name="mrpc",
-            dir_name="MRPC",
-            text_columns=(("sentence1", "#1 String"), ("sentence2", "#2 String")),
-            label_column="Quality",
-            has_header=True,
-            label_names=("not_equivalent", "equivalent"),
-            raw_labels=_DIGITS,
-            metric_names=("accuracy", "f1"),
-            main_metric="accuracy",
-        ),
-        "qqp": GlueTask(
-            name="qqp",
-            dir_name="QQP",
-            text_columns=(("question1", "question1"), ("question2", "question2")),
-            label_column="is_duplicate",
-            has_header=True,
-            label_names=("not_duplicate", "duplicate"),
-            raw_labels=_DIGITS,
-            metric_names=("accuracy", "f1"),
-            main_metric="accuracy",
-        ),
-        "stsb": GlueTask(
-            name="stsb",
-            dir_name="STS-B",
-            text_columns=(("sentence1", "sentence1"), ("sentence2", "sentence2")),
-            label_column="score",
-            has_header=True,
-            label_names=None,
-            raw_labels=MappingProxyType({}),
-            metric_names=("pearson", "spearmanr"),
-            main_metric="pearson",
-        ),
-        "mnli": GlueTask(
-            name="mnli",
-            dir_name="MNLI",
-            text_columns=(("premise", "sentence1"), ("hypothesis", "sentence2")),
-            label_column="gold_label",
-            has_header=True,
-            label_names=_MNLI,
-            raw_labels=_by_name(_MNLI),
-            metric_names=("accuracy",),
-            main_metric="accuracy",
-            local_files=MappingProxyType(
-                {
-                    "train": "train.tsv",
-                    "validation": "dev_matched.tsv",
-                    "validation_mismatched": "dev_mismatched.tsv",
-                }
-            ),
-            hub_splits=MappingProxyType(
-                {
-                    "train": "train",
-                    "validation": "validation_matched",
-                    "validation_mismatched": "validation_mismatched",
-                }
-            ),
-        ),
-        "qnli": GlueTask(
-            name="qnli",
-            dir_name="QNLI",
-            text_columns=(("question", "question"), ("sentence", "sentence")),
-            label_column="label",
-            has_header=True,
-            label_names=_ENTAIL2,
-            raw_labels=_by_name(_ENTAIL2),
-            metric_names=("accuracy",),
-            main_metric="accuracy",
-        ),
-        "rte": GlueTask(
-            name="rte",
-            dir_name="RTE",
-            text_columns=(("sentence1", "sentence1"), ("sentence2", "sentence2")),
-            label_column="label",
-            has_header=True,
-            label_names=_ENTAIL2,
-            raw_labels=_by_name(_ENTAIL2),
-            metric_names=("accuracy",),
-            main_metric="accuracy",
-        ),
-    }
+
+def _pair(a: str, b: str, a_tsv: str | None = None, b_tsv: str | None = None) -> tuple[tuple[str, ColumnRef], ...]:
+    """Two text columns, each (hub name, TSV header name; by default the same)."""
+    return ((a, a_tsv or a), (b, b_tsv or b))
+
+
+# fmt: off
+_TASKS = (
+    # CoLA's files have no header: source, label, original annotator mark, sentence.
+    GlueTask("cola", "CoLA", (("sentence", 3),), 1, ("unacceptable", "acceptable"), ("matthews_correlation",),
+             raw_labels=_DIGITS, has_header=False, num_columns=4),
+    GlueTask("sst2", "SST-2", (("sentence", "sentence"),), "label", ("negative", "positive"), ("accuracy",), raw_labels=_DIGITS),
+    GlueTask("mrpc", "MRPC", _pair("sentence1", "sentence2", "#1 String", "#2 String"), "Quality",
+             ("not_equivalent", "equivalent"), ("accuracy", "f1"), raw_labels=_DIGITS),
+    GlueTask("qqp", "QQP", _pair("question1", "question2"), "is_duplicate", ("not_duplicate", "duplicate"), ("accuracy", "f1"),
+             raw_labels=_DIGITS),
+    GlueTask("stsb", "STS-B", _pair("sentence1", "sentence2"), "score", None, ("pearson", "spearmanr")),
+    GlueTask("mnli", "MNLI", _pair("premise", "hypothesis", "sentence1", "sentence2"), "gold_label", _MNLI, ("accuracy",),
+             local_files=_MNLI_FILES, hub_splits=_MNLI_SPLITS),
+    GlueTask("qnli", "QNLI", _pair("question", "sentence"), "label", _ENTAIL2, ("accuracy",)),
+    GlueTask("rte", "RTE", _pair("sentence1", "sentence2"), "label", _ENTAIL2, ("accuracy",)),
 )
+# fmt: on
+GLUE_TASKS: Mapping[str, GlueTask] = MappingProxyType({task.name: task for task in _TASKS})
 
 # The offline data folder shipped with this project lacks these files; the
 # error for a missing file says so and points at the hub.

@@ -97,22 +97,22 @@ def _title(what: str, records: list[dict], model: str | None, profile: str | Non
     return f"{what}\n{model}, profile {profile}, seeds {', '.join(map(str, seeds))}"
 
 
-def figure4(records: list[dict], tasks: list[str] | None = None, model: str | None = None, profile: str | None = None) -> Figure | None:
-    """Figure 4: dev metric against n with r fixed to 2 and 4 (n = 1: LoRA r)."""
+def _sweep_figure(name: str, what: str, x: str, fixed: tuple[int, int], records: list[dict], tasks, model, profile) -> Figure | None:
+    """A Figure 4/5 panel grid: dev metric against ``x`` for each value in ``fixed`` of the other axis."""
     records, model, profile = scope(records, "glue", model, profile)
     if not records:
         return None
-    tasks = _figure_tasks("figure4", records, profile, tasks)
-    return plot_sweep(records, tasks, "n", (2, 4), _title("Figure 4: effect of n at fixed r", records, model, profile))
+    return plot_sweep(records, _figure_tasks(name, records, profile, tasks), x, fixed, _title(what, records, model, profile))
+
+
+def figure4(records: list[dict], tasks: list[str] | None = None, model: str | None = None, profile: str | None = None) -> Figure | None:
+    """Figure 4: dev metric against n with r fixed to 2 and 4 (n = 1: LoRA r)."""
+    return _sweep_figure("figure4", "Figure 4: effect of n at fixed r", "n", (2, 4), records, tasks, model, profile)
 
 
 def figure5(records: list[dict], tasks: list[str] | None = None, model: str | None = None, profile: str | None = None) -> Figure | None:
     """Figure 5: dev metric against r with n fixed to 1 (LoRA) and 2."""
-    records, model, profile = scope(records, "glue", model, profile)
-    if not records:
-        return None
-    tasks = _figure_tasks("figure5", records, profile, tasks)
-    return plot_sweep(records, tasks, "r", (1, 2), _title("Figure 5: effect of r at fixed n", records, model, profile))
+    return _sweep_figure("figure5", "Figure 5: effect of r at fixed n", "r", (1, 2), records, tasks, model, profile)
 
 
 def figure3(records: list[dict], tasks: list[str] | None = None, model: str | None = None, profile: str | None = None,

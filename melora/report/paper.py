@@ -186,6 +186,11 @@ def instruct_columns() -> list[Column]:
     return [benchmark_column(b) for b in BENCHMARKS] + [DEV_LOSS]
 
 
+def _instruct_table(name: str, title: str, specs: list[RowSpec], records: list[dict], note: str) -> Table:
+    """A Table 3/5: the INSTRUCTEVAL columns and notes, ``note`` first."""
+    return _finish(name, title, instruct_columns(), specs, records, _instruct_note(), [note, BASE_NOTE])
+
+
 def table3(records: list[dict], model: str | None = None, profile: str | None = None) -> Table:
     """Table 3: INSTRUCTEVAL, LoRA r in {8..256} against MELoRA r=1, n in {8..64}; best of each by dev loss."""
     records, model, profile = scope(records, "instruct", model, profile)
@@ -200,9 +205,8 @@ def table3(records: list[dict], model: str | None = None, profile: str | None = 
         *[_one(t) for t in melora_settings],
     ]
     title = f"Table 3: INSTRUCTEVAL after Alpaca instruction tuning, {model or 'no runs'} (paper: LLaMA-2-7B)"
-    return _finish("table3", title, instruct_columns(), specs, records, _instruct_note(),
-                   ["Avg: mean of the four benchmarks. The best setting of a method is chosen by mean dev loss, never by test scores.",
-                    BASE_NOTE])
+    return _instruct_table("table3", title, specs, records,
+                           "Avg: mean of the four benchmarks. The best setting of a method is chosen by mean dev loss, never by test scores.")
 
 
 def table5(records: list[dict], model: str | None = None, profile: str | None = None) -> Table:
@@ -212,9 +216,8 @@ def table5(records: list[dict], model: str | None = None, profile: str | None = 
     for rank in (16, 32, 64):
         specs += [_one(f"LoRA r={rank}", group=f"R={rank}"), _one(f"MELoRA n=2 r={rank // 2}", group=f"R={rank}")]
     title = f"Table 5: INSTRUCTEVAL at equivalent rank R, {model or 'no runs'} (paper: LLaMA-2-7B)"
-    return _finish("table5", title, instruct_columns(), specs, records, _instruct_note(),
-                   ["R: equivalent rank n·r; MELoRA n=2, r=R/2 (Table 4's design: MELORA.md does not give the paper's setting).",
-                    BASE_NOTE])
+    return _instruct_table("table5", title, specs, records,
+                           "R: equivalent rank n·r; MELoRA n=2, r=R/2 (Table 4's design: MELORA.md does not give the paper's setting).")
 
 
 def demo(records: list[dict], model: str | None = None, profile: str | None = None) -> Table:

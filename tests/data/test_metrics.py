@@ -122,3 +122,17 @@ def test_main_metric_is_among_returned_keys():
     for task in ("mnli", "sst2", "mrpc", "cola", "qnli", "qqp", "rte"):
         assert main_metric(task) in glue_metrics(task, [1, 0, 1], [1, 1, 0])
     assert main_metric("stsb") in glue_metrics("stsb", [1.0, 2.0, 3.5], [1.0, 2.5, 3.0])
+
+
+def test_each_task_yaml_selects_on_the_registry_metric():
+    # The metric is written in the task's YAML (what a run selects on, overridable) and
+    # is the first of GlueTask.metric_names (what the library reports): they must agree.
+    import yaml
+
+    from melora.data.glue_tasks import GLUE_TASKS
+    from melora.specs import CONFIGS
+
+    for name in GLUE_TASKS:
+        node = yaml.safe_load((CONFIGS / "task" / "glue" / f"{name}.yaml").read_text())
+        assert node["name"] == name
+        assert node["metric"] == main_metric(name), name
