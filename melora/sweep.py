@@ -221,6 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", default="mini", help="paper | mini | smoke")
     parser.add_argument("--list", action="store_true", help="print the runs and exit")
     parser.add_argument("--jobs", type=int, default=1, help="local worker processes (each gets cores/jobs threads)")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads per local job (default: cores / jobs)")
     parser.add_argument("--launcher", default="local", help="hydra/launcher: local (joblib, --jobs processes) | slurm | any other")
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run (e.g. runs_root=…)")
     args = parser.parse_intermixed_args(argv)
@@ -239,7 +240,8 @@ def main(argv: list[str] | None = None) -> int:
             evaluate_run(compose_run(runs[0], args.overrides), adapter_dir=None)
         command = [sys.executable, "-m", f"melora.{entry}", "-m", "hydra/sweeper=spec", f"hydra.sweeper.specs=[{','.join(specs)}]",
                    f"hydra.sweeper.profile={args.profile}", f"hydra/launcher={args.launcher}",
-                   *([f"hydra.launcher.n_jobs={args.jobs}"] if args.launcher == "local" else []), *args.overrides]  # fmt: skip
+                   *([f"hydra.launcher.n_jobs={args.jobs}"] if args.launcher == "local" else []),
+                   *([f"hydra.sweeper.threads_per_job={args.threads}"] if args.threads else []), *args.overrides]  # fmt: skip
         print(" ".join(command), flush=True)
         status = subprocess.call(command, cwd=ROOT) or status
         for run in runs:  # INSTRUCTEVAL of every trained adapter (a finished evaluation is skipped)

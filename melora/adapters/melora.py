@@ -48,22 +48,25 @@ SCALINGS = ("per_mini", "equivalent", "rslora")
 INITS = ("kaiming", "gaussian")
 PATHS = ("bmm", "dense", "fused")
 
-# The cost rule of choose_path. UNCALIBRATED: roofline guesses, not measurements. Calibrate
-# them on a quiet machine with `make bench-layer` (scripts/bench_layer.py, CPU; add --paths to
-# time every forced path) and `make bench-gpu` (scripts/bench_gpu.py, CUDA, times every path):
-# both report the path chosen per config.
+# The cost rule of choose_path.
 #
+# CPU: calibrated by `scripts/bench_layer.py --paths` (results/bench/layer.md: 2-core AMD EPYC,
+# fp32, d = 768 and 4096, n in {1..64}, r in {1, 2, 8}, 512 and 4096 tokens). With gradients
+# "fused" was the fastest path or within timing noise of it in every config, n = 1 included (it
+# adds the adapter's input gradient into the frozen layer's in place instead of summing two
+# tensors); without gradients "bmm" matched "dense" at small n·r and beat it as n·r grew.
+# "dense" never won by more than the noise, so the CPU rule never takes it for n ≥ 2.
+CALIBRATED_DEVICES = ("cpu",)
+# Other devices (cuda, mps, …): a roofline guess, UNCALIBRATED until `make bench-gpu` runs on one.
 # FLOP per byte of memory traffic below which a GEMM is memory-bound. The dense pair does
 # 2·n·r FLOP per element of x it reads and of the output it updates, 2·n·r / itemsize FLOP per
 # byte: while that is ≤ the balance it costs no more time than the strided pair, which moves
 # the same bytes.
-MACHINE_BALANCE = {"cpu": 8.0, "cuda": 64.0}  # UNCALIBRATED
-DEFAULT_MACHINE_BALANCE = 8.0  # other devices (mps, xpu, …): UNCALIBRATED
+MACHINE_BALANCE = {"cuda": 64.0}  # UNCALIBRATED
+DEFAULT_MACHINE_BALANCE = 8.0  # UNCALIBRATED
 # Building blockdiag(A) and blockdiag(B) writes n·r·(d_in + d_out) elements per call, against
 # T·(d_in + d_out) for x and the output: the dense pair needs T ≥ this × n·r.
 DENSE_MIN_TOKENS_PER_RANK = 4  # UNCALIBRATED
-# Whether a call that needs gradients takes "fused" rather than "bmm" (same forward kernels).
-FUSED_BACKWARD = True  # UNCALIBRATED
 
 
 def choose_path(
@@ -71,25 +74,33 @@ def choose_path(
 ) -> str:
     """The formulation of the MELoRA product for one call: one of ``PATHS``.
 
-    The rule (deterministic; thresholds are the module constants above):
+    The rule (deterministic; the constants above say where each part comes from):
 
-    1. ``n = 1``: ``"dense"`` (plain LoRA: ``A``, ``B`` are used as they are);
-    2. ``2·n·r ≤ MACHINE_BALANCE[device.type] · dtype.itemsize`` and
-       ``tokens ≥ DENSE_MIN_TOKENS_PER_RANK · n·r``: ``"dense"``, memory-bound
-       like ``"bmm"`` but in two large GEMMs;
-    3. otherwise ``"fused"`` if ``needs_grad`` and ``FUSED_BACKWARD``, else ``"bmm"``.
+    - CPU (calibrated): ``"fused"`` when the call needs gradients (any ``n``);
+      otherwise ``"dense"`` for ``n = 1`` (plain LoRA) and ``"bmm"`` for ``n ≥ 2``.
+    - Other devices (uncalibrated roofline guess): ``n = 1``: ``"dense"``;
+      ``"dense"`` when ``2·n·r ≤ MACHINE_BALANCE[device.type] · dtype.itemsize``
+      and ``tokens ≥ DENSE_MIN_TOKENS_PER_RANK · n·r`` (memory-bound like
+      ``"bmm"``, in two large GEMMs); otherwise ``"fused"`` with gradients,
+      ``"bmm"`` without.
 
     ``d_in`` and ``d_out`` cancel out of both cost ratios; they are arguments
     so that a calibrated rule may use them. A layer falls back from
-    ``"fused"`` to ``"bmm"`` when its frozen layer is not a plain frozen
-    ``nn.Linear`` / ``Conv1D`` without hooks (:meth:`MELoRALinear.path_for`).
+    ``"fused"`` to ``"bmm"`` (``"dense"`` at ``n = 1``) when its frozen layer
+    is not a plain frozen ``nn.Linear`` / ``Conv1D`` without hooks
+    (:meth:`MELoRALinear.path_for`).
     """
+    device_type = torch.device(device).type
+    if device_type in CALIBRATED_DEVICES:
+        if needs_grad:
+            return "fused"
+        return "dense" if n == 1 else "bmm"
     if n == 1:
         return "dense"
-    balance = MACHINE_BALANCE.get(torch.device(device).type, DEFAULT_MACHINE_BALANCE)
+    balance = MACHINE_BALANCE.get(device_type, DEFAULT_MACHINE_BALANCE)
     if 2 * n * r <= balance * dtype.itemsize and tokens >= DENSE_MIN_TOKENS_PER_RANK * n * r:
         return "dense"
-    return "fused" if needs_grad and FUSED_BACKWARD else "bmm"
+    return "fused" if needs_grad else "bmm"
 
 
 @dataclass
@@ -303,7 +314,9 @@ class MELoRALinear(AdapterLayer):
             needs_grad = torch.is_grad_enabled() and (x.requires_grad or self.lora_A.requires_grad or self.lora_B.requires_grad)
             dtype = self._adapter_dtype(x)
             path = choose_path(self.d_in, self.d_out, self.n, self.r, x.numel() // self.d_in, dtype, x.device, needs_grad)
-            return "bmm" if path == "fused" and not self._fusable() else path
+            if path == "fused" and not self._fusable():
+                return "dense" if self.n == 1 else "bmm"
+            return path
         if self.path not in PATHS:
             raise ValueError(f"path={self.path!r} is unknown; set layer.path to 'auto' or one of {PATHS}")
         if self.path == "fused" and not self._fusable():

@@ -95,27 +95,33 @@ def test_every_path_without_grad_and_after_merge(path):
 @pytest.fixture
 def rule(monkeypatch):
     """The rule with its thresholds pinned, so calibrating the constants does not rewrite these cases."""
-    monkeypatch.setattr(melora_layer, "MACHINE_BALANCE", {"cpu": 8.0, "cuda": 64.0})
+    monkeypatch.setattr(melora_layer, "CALIBRATED_DEVICES", ("cpu",))
+    monkeypatch.setattr(melora_layer, "MACHINE_BALANCE", {"cuda": 64.0})
     monkeypatch.setattr(melora_layer, "DEFAULT_MACHINE_BALANCE", 8.0)
     monkeypatch.setattr(melora_layer, "DENSE_MIN_TOKENS_PER_RANK", 4)
-    monkeypatch.setattr(melora_layer, "FUSED_BACKWARD", True)
     return choose_path
 
 
 @pytest.mark.parametrize(
     "d,n,r,tokens,dtype,device,needs_grad,expected",
     [
-        (768, 1, 8, 512, torch.float32, "cpu", True, "dense"),  # n = 1 is plain LoRA
+        # CPU (calibrated): fused whenever gradients flow, n = 1 included; bmm (dense at n = 1) without
+        (768, 1, 8, 512, torch.float32, "cpu", True, "fused"),
+        (768, 1, 8, 512, torch.float32, "cpu", False, "dense"),  # n = 1 is plain LoRA
+        (768, 4, 2, 512, torch.float32, "cpu", True, "fused"),
+        (768, 64, 8, 16, torch.bfloat16, "cpu", True, "fused"),
+        (768, 4, 2, 512, torch.float32, "cpu", False, "bmm"),
+        (4096, 64, 1, 4096, torch.bfloat16, "cpu", False, "bmm"),
+        # other devices: the roofline guess
         (4096, 1, 64, 1, torch.bfloat16, "cuda", False, "dense"),
-        (768, 4, 2, 512, torch.float32, "cpu", True, "dense"),  # 2·n·r = 16 ≤ 8·4
-        (768, 4, 4, 512, torch.float32, "cpu", True, "dense"),  # 32 ≤ 32
-        (768, 8, 4, 512, torch.float32, "cpu", True, "fused"),  # 64 > 32
-        (768, 8, 4, 512, torch.float32, "cpu", False, "bmm"),  # same, inference
-        (768, 4, 4, 512, torch.bfloat16, "cpu", True, "fused"),  # 32 > 8·2: bf16 halves the bytes per FLOP
-        (768, 4, 2, 16, torch.float32, "cpu", True, "fused"),  # T = 16 < 4·n·r: building blockdiag would dominate
-        (4096, 64, 1, 4096, torch.bfloat16, "cuda", True, "dense"),  # 128 ≤ 64·2
+        (4096, 64, 1, 4096, torch.bfloat16, "cuda", True, "dense"),  # 2·n·r = 128 ≤ 64·2
         (4096, 16, 8, 4096, torch.bfloat16, "cuda", True, "fused"),  # 256 > 128
-        (4096, 16, 8, 4096, torch.bfloat16, "meta", True, "fused"),  # other devices: DEFAULT_MACHINE_BALANCE
+        (4096, 16, 8, 4096, torch.bfloat16, "cuda", False, "bmm"),  # same, inference
+        (4096, 32, 1, 4096, torch.float32, "cuda", True, "dense"),  # 64 ≤ 64·4
+        (4096, 32, 2, 4096, torch.bfloat16, "cuda", True, "dense"),  # 128 ≤ 128
+        (4096, 2, 2, 8, torch.bfloat16, "cuda", True, "fused"),  # T = 8 < 4·n·r: building blockdiag would dominate
+        (4096, 4, 2, 4096, torch.float32, "meta", True, "dense"),  # DEFAULT_MACHINE_BALANCE: 16 ≤ 8·4
+        (4096, 8, 4, 4096, torch.float32, "meta", True, "fused"),  # 64 > 32
     ],
 )
 def test_cost_rule_picks_the_documented_path(rule, d, n, r, tokens, dtype, device, needs_grad, expected):
@@ -123,15 +129,17 @@ def test_cost_rule_picks_the_documented_path(rule, d, n, r, tokens, dtype, devic
 
 
 def test_layer_asks_the_rule_with_its_call(rule):
-    layer = MELoRALinear(nn.Linear(64, 64), n=8, r=4)  # 2·n·r = 64 > 32: fused with grad, bmm without
+    layer = MELoRALinear(nn.Linear(64, 64), n=8, r=4)
     x = torch.randn(256, 64)
     assert layer.path_for(x) == "fused"
     with torch.no_grad():
         assert layer.path_for(x) == "bmm"
+        assert MELoRALinear(nn.Linear(64, 64), n=1, r=4).path_for(x) == "dense"
+    x.requires_grad_(False)
+    frozen = MELoRALinear(nn.Linear(64, 64), n=8, r=4).requires_grad_(False)
+    assert frozen.path_for(x) == "bmm"  # nothing needs a gradient: an inference call
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert MELoRALinear(nn.Linear(64, 64), n=4, r=4).path_for(x) == "fused"  # bf16: 32 > 16
-    assert MELoRALinear(nn.Linear(64, 64), n=4, r=4).path_for(x) == "dense"  # fp32: 32 ≤ 32
-    assert MELoRALinear(nn.Linear(64, 64), n=4, r=4).path_for(x[:8]) == "fused"  # 8 tokens < 4·16
+        assert layer.path_for(x) == "fused"
 
 
 def test_fused_needs_a_plain_frozen_base(rule):
@@ -139,6 +147,9 @@ def test_fused_needs_a_plain_frozen_base(rule):
     x = torch.randn(256, 64)
     layer.base_layer.register_forward_hook(lambda module, args, out: None)
     assert layer.path_for(x) == "bmm"  # the rule's "fused" would skip the hook
+    lora = MELoRALinear(nn.Linear(64, 64), n=1, r=4)
+    lora.base_layer.register_forward_hook(lambda module, args, out: None)
+    assert lora.path_for(x) == "dense"  # n = 1 falls back to plain LoRA
     layer.path = "fused"
     with pytest.raises(ValueError, match="path='fused' needs a frozen nn.Linear or Conv1D without hooks"):
         layer(x)
