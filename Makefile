@@ -43,8 +43,12 @@ test-slow: $(VENV)/.installed ## Run only the slow end-to-end tests
 	$(PY) -m pytest -q -m slow
 
 .PHONY: bench-layer
-bench-layer: $(VENV)/.installed ## Time MELoRALinear vs PEFT LoRA vs the per-mini-LoRA loop -> results/bench/layer.{csv,md}
-	$(BENCH_ENV) $(PY) scripts/bench_layer.py --out results/bench
+# (d, T) groups of the committed CPU benchmark: d=4096 with T=4096 costs ~4 s per fp32 call of the frozen
+# layer on 2 cores (half an hour per mode for the grid); add it with LAYER_SHAPES=…,4096x4096.
+LAYER_SHAPES ?= 768x512,768x4096,4096x512
+bench-layer: $(VENV)/.installed ## Time MELoRALinear (every path) vs PEFT LoRA vs the per-mini-LoRA loop, 2 and 1 threads -> results/bench/layer*.{csv,md}
+	$(BENCH_ENV) $(PY) scripts/bench_layer.py --out results/bench --shapes $(LAYER_SHAPES) --paths --budget 0.4 --threads 2
+	$(BENCH_ENV) OMP_NUM_THREADS=1 $(PY) scripts/bench_layer.py --out results/bench --name layer-1thread --shapes $(LAYER_SHAPES) --budget 0.4 --threads 1
 
 .PHONY: bench-gpu
 bench-gpu: $(VENV)/.installed ## On one CUDA GPU, bf16 (< 5 min): layer grid + roberta-base/LLaMA-layer steps vs PEFT LoRA -> results/bench/gpu.{csv,md}
@@ -96,6 +100,12 @@ table2-heldout: $(VENV)/.installed ## Table 2, held-out protocol: lr grid chosen
 	$(SWEEP) table2_heldout --profile $(PROFILE) runs_root=$(RUNS)
 	$(RESULTS) --only heldout
 
+.PHONY: table4-heldout
+table4-heldout: $(VENV)/.installed ## Table 4, held-out protocol: lr grid chosen on validation, then 5 seeds -> results/tables/table4_heldout.*
+	$(SWEEP) table4_grid --profile $(PROFILE) runs_root=$(RUNS)
+	$(SWEEP) table4_heldout --profile $(PROFILE) runs_root=$(RUNS)
+	$(RESULTS) --only heldout
+
 .PHONY: results
 results: $(TABLES) $(FIGURES) ## Every table and figure at PROFILE, and the records without weights (results/runs/)
 	$(RESULTS) --only runs
@@ -106,7 +116,7 @@ setup-mpnet: $(VENV)/.installed ## Install all-mpnet-base-v2 (roberta-base's sha
 
 .PHONY: bench-train
 bench-train: $(VENV)/.installed ## Training throughput + optimiser memory, MELoRA r=1 n=8 vs PEFT LoRA -> results/bench/train.md
-	$(PY) scripts/bench_train.py --task mrpc --n 8 --r 1 --out results/bench
+	$(PY) scripts/bench_train.py --task mrpc --n 8 --r 1 --out results/bench --compile
 
 .PHONY: bench
 bench: bench-layer bench-train ## Both benchmarks

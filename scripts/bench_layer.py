@@ -570,6 +570,10 @@ def int_list(text: str) -> list[int]:
     return [int(v) for v in text.split(",") if v]
 
 
+def shape_list(text: str) -> list[tuple[int, int]]:
+    return [tuple(int(v) for v in item.split("x")) for item in text.split(",") if item]
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("results/bench"), help="folder for layer.csv and layer.md")
@@ -579,6 +583,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--n", type=int_list, help="comma-separated numbers of mini LoRAs (default 1..64, powers of 2)")
     p.add_argument("--r", type=int_list, help="comma-separated mini ranks (default 1,8)")
     p.add_argument("--tokens", type=int_list, help="comma-separated token counts T (default 512,4096)")
+    p.add_argument("--shapes", type=shape_list, help="only these (d, T) groups, e.g. 768x512,4096x512 (instead of every --d × --tokens)")
     p.add_argument("--device", default="auto", help="'auto' (cpu, plus cuda if available), 'cpu', 'cuda' or 'cpu,cuda'")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="bf16 is meant for GPUs")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (default: physical cores)")
@@ -608,6 +613,9 @@ def devices(spec: str) -> list[torch.device]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.shapes:
+        args.d = sorted({d for d, _ in args.shapes})
+        args.tokens = sorted({T for _, T in args.shapes})
     for d in args.d:
         bad = [n for n in args.n if d % n]
         if bad:
@@ -622,7 +630,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads or physical_cores())
     started = time.perf_counter()
     args.load_start = load_average()
-    groups = [(dev, d, T, mode) for dev in devices(args.device) for d in args.d for T in args.tokens for mode in ("fwd", "fwdbwd")]
+    shapes = args.shapes or [(d, T) for d in args.d for T in args.tokens]
+    groups = [(dev, d, T, mode) for dev in devices(args.device) for d, T in shapes for mode in ("fwd", "fwdbwd")]
     rows: list[dict] = []
     for done, (device, d, T, mode) in enumerate(groups, start=1):
         t0 = time.perf_counter()

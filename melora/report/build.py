@@ -74,24 +74,28 @@ def make_results(runs: str | Path, out: str | Path, only: list[str] | None = Non
 
 
 def _heldout_table(records: list[dict], folder: Path, model: str | None, log: Callable[[str], None]) -> dict[str, list[Path]]:
-    """``table2_heldout.{md,csv}``: Table 2 under held-out selection, when such runs exist."""
+    """``table2_heldout`` and ``table4_heldout`` (``.md``, ``.csv``) and their forest plots, for the held-out runs there are."""
     from melora.files import atomic_write_text
     from melora.report import protocol
 
     records = [r for r in records if selection_of(r) == "heldout" and (model is None or r.get("model") == model)]
-    table = protocol.build(records)
-    if not table.rows:
-        return {}
-    models = sorted({r.get("model") for r in records})
-    note = protocol.NOTE + f" Model: {', '.join(map(str, models))}; hardware: " + ", ".join(
-        sorted({str((r.get("device") or {}).get("cpu") or (r.get("device") or {}).get("cuda")) for r in records}))
-    paths = [folder / "table2_heldout.md", folder / "table2_heldout.csv"]
-    atomic_write_text(paths[0], protocol.to_markdown(table, note))
-    atomic_write_text(paths[1], protocol.to_csv(table))
-    log("table2_heldout: " + ", ".join(map(str, paths)))
-    written = {"table2_heldout": paths}
-    fig = protocol.forest_plot(table)
-    if fig is not None:
-        written["verdicts"] = save_figure(fig, folder.parent / "figures", "verdicts")
-        log("verdicts: " + ", ".join(map(str, written["verdicts"])))
+    written: dict[str, list[Path]] = {}
+    for layout in protocol.LAYOUTS:
+        table = protocol.build(records, layout=layout)
+        if not table.rows:
+            continue
+        kept = [r for r in records if layout.keep(r.get("method_config", {}))]
+        models = sorted({str(r.get("model")) for r in kept})
+        hardware = sorted({str((r.get("device") or {}).get("cpu") or (r.get("device") or {}).get("cuda")) for r in kept})
+        note = protocol.note(layout) + f" Model: {', '.join(models)}; hardware: {', '.join(hardware)}"
+        paths = [folder / f"{layout.name}.md", folder / f"{layout.name}.csv"]
+        atomic_write_text(paths[0], protocol.to_markdown(table, note))
+        atomic_write_text(paths[1], protocol.to_csv(table))
+        log(f"{layout.name}: " + ", ".join(map(str, paths)))
+        written[layout.name] = paths
+        fig = protocol.forest_plot(table)
+        if fig is not None:
+            name = "verdicts" if layout is protocol.TABLE2 else f"verdicts_{layout.name.removesuffix('_heldout')}"
+            written[name] = save_figure(fig, folder.parent / "figures", name)
+            log(f"{name}: " + ", ".join(map(str, written[name])))
     return written

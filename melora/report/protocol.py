@@ -1,4 +1,4 @@
-"""The held-out protocol's Table 2: selection on validation, dev reported, paired verdicts.
+"""The held-out protocol's Tables 2 and 4: selection on validation, dev reported, paired verdicts.
 
 Every run of ``selection=heldout`` chose its best epoch on a held-out part of
 its training data and recorded the GLUE dev metric at that epoch
@@ -10,8 +10,11 @@ its training data and recorded the GLUE dev metric at that epoch
    chosen lr (the paper's best-``n``, but chosen without the dev set);
 3. the reported cell is the *dev* metric of that (setting, lr) over its seeds:
    mean ± sample std and a 95 % t interval;
-4. each other row's paired difference to LoRA r=8 (same seeds: same data order
-   and initialisation seed) gets a 95 % t interval and a verdict.
+4. each compared row's paired difference to its reference row (Table 2: LoRA
+   r=8; Table 4: LoRA at the same equivalent rank), over the same seeds (same
+   data order and initialisation seed), gets a 95 % t interval and a verdict.
+
+A :class:`Layout` says which rows a table holds and what each is paired with.
 
 Rows and settings come from each record's ``method_config``, never from tags.
 """
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass, field
+from typing import Callable
 
 from melora.adapters import config_from_dict
 from melora.report.paper import GLUE_LABELS, GLUE_ORDER
@@ -28,6 +32,39 @@ from melora.report.stats import Cell, PairedDifference, paired_difference
 
 REFERENCE = "LoRA r=8"
 ROW_ORDER = ("LoRA r=8", "DyLoRA r=8", "AdaLoRA r=8", "Delta-LoRA r=8", "MELoRA r=8", "MELoRA r=1")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """One held-out table: its rows in order, the row each is paired with, and which runs it reads.
+
+    Attributes:
+        name: File stem (``table2_heldout``) and figure suffix.
+        rows: Row names (:func:`row_of`) in display order; other rows are left out.
+        references: Row → the row its paired difference is taken against.
+        keep: Method config → whether the run belongs to this table (e.g. Table 4's MELoRA is ``n = 2`` only).
+    """
+
+    name: str
+    rows: tuple[str, ...]
+    references: dict[str, str]
+    keep: Callable[[dict], bool] = lambda method_config: True
+
+    @property
+    def single_reference(self) -> str | None:
+        refs = set(self.references.values())
+        return refs.pop() if len(refs) == 1 else None
+
+
+TABLE2 = Layout("table2_heldout", ROW_ORDER, {row: REFERENCE for row in ROW_ORDER[1:]})
+# Table 4: LoRA r=R against MELoRA n=2, r=R/2 (the same equivalent rank R, half the parameters).
+TABLE4 = Layout(
+    "table4_heldout",
+    ("LoRA r=4", "MELoRA r=2", "LoRA r=8", "MELoRA r=4", "LoRA r=16", "MELoRA r=8"),
+    {"MELoRA r=2": "LoRA r=4", "MELoRA r=4": "LoRA r=8", "MELoRA r=8": "LoRA r=16"},
+    keep=lambda mc: mc.get("method") == "lora" or (mc.get("method") == "melora" and mc.get("n") == 2),
+)
+LAYOUTS = (TABLE2, TABLE4)
 
 
 def row_of(method_config: dict) -> str:
@@ -58,6 +95,7 @@ class HeldoutTable:
     tasks: list[str]
     rows: dict[str, dict[str, Choice]] = field(default_factory=dict)
     failed: list[str] = field(default_factory=list)
+    layout: Layout = TABLE2
 
 
 def _scaled(value: float) -> float:
@@ -121,19 +159,23 @@ def choose(cells: dict, task: str, row: str) -> Choice | None:
                   lrs_tried=sum(1 for s, _ in options if s == setting))
 
 
-def build(records: list[dict], tasks: list[str] | None = None) -> HeldoutTable:
+def build(records: list[dict], tasks: list[str] | None = None, layout: Layout = TABLE2) -> HeldoutTable:
+    """The held-out table ``layout`` from run records (other rows' runs are ignored)."""
+    records = [r for r in records if "method_config" not in r or layout.keep(r["method_config"])]
     cells, failed = collect(records)
+    cells = {k: v for k, v in cells.items() if k[1] in layout.rows}
     present = {t for (t, *_rest) in cells}
     tasks = tasks or sorted(present, key=lambda t: GLUE_ORDER.index(t) if t in GLUE_ORDER else 99)
-    table = HeldoutTable(tasks=tasks, failed=failed)
-    rows = sorted({rw for (_, rw, _, _) in cells}, key=lambda r: ROW_ORDER.index(r) if r in ROW_ORDER else 99)
+    table = HeldoutTable(tasks=tasks, failed=failed, layout=layout)
+    rows = sorted({rw for (_, rw, _, _) in cells}, key=layout.rows.index)
     for row in rows:
         table.rows[row] = {t: c for t in tasks if (c := choose(cells, t, row)) is not None}
     for row, by_task in table.rows.items():
-        if row == REFERENCE:
+        reference = layout.references.get(row)
+        if reference is None:
             continue
         for task, choice in by_task.items():
-            ref = table.rows.get(REFERENCE, {}).get(task)
+            ref = table.rows.get(reference, {}).get(task)
             if ref is not None:
                 choice.versus_reference = paired_difference(choice.dev, ref.dev)
     return table
@@ -145,8 +187,11 @@ def _interval(ci) -> str:
 
 def to_rows(table: HeldoutTable) -> tuple[list[str], list[list[str]]]:
     """Header and body of the long-format table: one line per (row, task)."""
+    layout, single = table.layout, table.layout.single_reference
     header = ["method", "task", "chosen", "lr", "lrs tried", "seeds", "validation", "dev mean ± std", "dev 95% CI",
-              f"Δ vs {REFERENCE} (paired)", "Δ 95% CI", "verdict"]
+              f"Δ vs {single} (paired)" if single else "Δ vs reference (paired)", "Δ 95% CI", "verdict"]
+    if not single:
+        header.insert(-3, "reference")
     body = []
     for row, by_task in table.rows.items():
         for task in table.tasks:
@@ -155,12 +200,16 @@ def to_rows(table: HeldoutTable) -> tuple[list[str], list[list[str]]]:
                 continue
             std = f" ± {c.dev.std:.1f}" if c.dev.std is not None else ""
             d = c.versus_reference
-            body.append([
+            is_reference = row in layout.references.values()
+            line = [
                 row, GLUE_LABELS.get(task, task), c.setting, f"{c.lr:g}", str(c.lrs_tried), str(c.dev.n), f"{c.validation.mean:.1f}",
                 f"{c.dev.mean:.1f}{std}", _interval(c.dev.ci95),
                 f"{d.mean:+.1f}" if d and d.mean is not None else "—", _interval(d.ci) if d else "—",
-                d.verdict if d else ("reference" if row == REFERENCE else "—"),
-            ])
+                d.verdict if d else ("reference" if is_reference else "—"),
+            ]
+            if not single:
+                line.insert(-3, layout.references.get(row, "—"))
+            body.append(line)
     return header, body
 
 
@@ -185,6 +234,15 @@ def to_csv(table: HeldoutTable) -> str:
     return out.getvalue()
 
 
+def note(layout: Layout) -> str:
+    """The paragraph above a held-out table: how every number in it was chosen."""
+    against = layout.single_reference or "LoRA at the same equivalent rank (the 'reference' column)"
+    text = NOTE.replace("against LoRA r=8 at its own chosen lr", f"against {against} at its own chosen lr")
+    if layout is TABLE4:
+        text += " Table 4: MELoRA has n = 2 (half LoRA's parameters at the same equivalent rank); n is not chosen."
+    return text
+
+
 NOTE = (
     "Held-out protocol (issue 10). Each run picks its best epoch on a fixed held-out 10 % (≥ 200 examples) of its "
     "training subset; the lr of each setting, then MELoRA's n, are chosen by the mean held-out metric over seeds "
@@ -197,7 +255,7 @@ NOTE = (
 
 
 def forest_plot(table: HeldoutTable):
-    """Each row's paired difference to LoRA r=8 per task, with its 95 % CI (a point alone: one seed).
+    """Each row's paired difference to its reference row per task, with its 95 % CI (a point alone: one seed).
 
     Returns a matplotlib Figure, or ``None`` when no row has a paired difference.
     """
@@ -217,9 +275,17 @@ def forest_plot(table: HeldoutTable):
         if d.ci is not None:
             ax.plot(d.ci, [y, y], color=colour, lw=2)
         ax.plot([d.mean], [y], "o", color=colour)
-    ax.set_yticks(range(len(lines)), [f"{row} · {GLUE_LABELS.get(task, task)} ({len(d.seeds)} seed{'s' if len(d.seeds) != 1 else ''})" for row, task, d in reversed(lines)])
+    refs = table.layout.references
+    single = table.layout.single_reference
+
+    def label(row: str, task: str, d) -> str:
+        versus = "" if single else f" − {refs[row]}"
+        return f"{row}{versus} · {GLUE_LABELS.get(task, task)} ({len(d.seeds)} seed{'s' if len(d.seeds) != 1 else ''})"
+
+    ax.set_yticks(range(len(lines)), [label(row, task, d) for row, task, d in reversed(lines)])
     ax.axvline(0, color="black", lw=0.8)
-    ax.set_xlabel(f"dev metric ×100: paired difference to {REFERENCE}, 95 % t CI over seeds", fontsize=9)
+    versus = single or "LoRA at the same equivalent rank"
+    ax.set_xlabel(f"dev metric ×100: paired difference to {versus}, 95 % t CI over seeds", fontsize=9)
     ax.set_title("held-out selection; green: better, red: worse, grey: no detectable difference", fontsize=9)
     fig.tight_layout()
     return fig

@@ -67,3 +67,29 @@ def test_seeds_added_at_the_chosen_lr_do_not_move_the_choice():
     records += [record("sst2", "lora", 1e-3, seed, 0.70, 0.71) for seed in range(1, 5)]  # a 5-seed mean of 0.72 < 0.78
     choice = build(records).rows["LoRA r=8"]["sst2"]
     assert (choice.lr, choice.dev.n, choice.lrs_tried) == (1e-3, 5, 2)
+
+
+def test_table4_pairs_each_melora_row_with_lora_at_its_equivalent_rank():
+    from melora.report.protocol import TABLE4
+
+    records = []
+    for seed in range(3):
+        for r, dev in ((4, 0.70), (8, 0.72), (16, 0.74)):
+            records.append(record("stsb", "lora", 1e-3, seed, 0.8, dev + seed / 100, r=r))
+        for r, dev in ((2, 0.71), (4, 0.72), (8, 0.70)):
+            records.append(record("stsb", "melora", 1e-3, seed, 0.8, dev + seed / 50, n=2, r=r))
+        records.append(record("stsb", "melora", 1e-3, seed, 0.99, 0.99, n=8, r=1))  # a Table 2 row: not in Table 4
+        records.append(record("stsb", "melora", 1e-3, seed, 0.99, 0.99, n=4, r=2))  # n=4: not Table 4's MELoRA
+    table = build(records, layout=TABLE4)
+    assert list(table.rows) == ["LoRA r=4", "MELoRA r=2", "LoRA r=8", "MELoRA r=4", "LoRA r=16", "MELoRA r=8"]
+    assert table.rows["MELoRA r=2"]["stsb"].setting == "n=2"
+    for melora_row, lora_row in TABLE4.references.items():
+        mel, lora = table.rows[melora_row]["stsb"].dev.values, table.rows[lora_row]["stsb"].dev.values
+        ref = stats.ttest_rel(mel, lora).confidence_interval(0.95)
+        assert table.rows[melora_row]["stsb"].versus_reference.ci == pytest.approx((ref.low, ref.high))
+    assert table.rows["LoRA r=4"]["stsb"].versus_reference is None
+    header = to_csv(table).splitlines()[0].split(",")
+    assert "reference" in header and "Δ vs reference (paired)" in header
+    assert to_csv(table).splitlines()[2].startswith("MELoRA r=2,STS-B,n=2,0.001,1,3")
+    assert ",LoRA r=4," in to_csv(table).splitlines()[2]
+    assert set(build(records).rows) == {"LoRA r=8", "MELoRA r=8", "MELoRA r=1"}  # Table 2 keeps its own rows
