@@ -106,6 +106,12 @@ table4-heldout: $(VENV)/.installed ## Table 4, held-out protocol: lr grid chosen
 	$(SWEEP) table4_heldout --profile $(PROFILE) runs_root=$(RUNS)
 	$(RESULTS) --only heldout
 
+.PHONY: figures-heldout
+figures-heldout: $(VENV)/.installed ## Figures 4-5, held-out protocol: lr grid, then 3 seeds -> results/figures/figure{4,5}_heldout.*
+	$(SWEEP) figures45_grid --profile $(PROFILE) runs_root=$(RUNS)
+	$(SWEEP) figures45_heldout --profile $(PROFILE) runs_root=$(RUNS)
+	$(RESULTS) --only heldout
+
 .PHONY: results
 results: $(TABLES) $(FIGURES) ## Every table and figure at PROFILE, and the records without weights (results/runs/)
 	$(RESULTS) --only runs

@@ -74,7 +74,8 @@ def make_results(runs: str | Path, out: str | Path, only: list[str] | None = Non
 
 
 def _heldout_table(records: list[dict], folder: Path, model: str | None, log: Callable[[str], None]) -> dict[str, list[Path]]:
-    """``table2_heldout`` and ``table4_heldout`` (``.md``, ``.csv``) and their forest plots, for the held-out runs there are."""
+    """``table2_heldout`` and ``table4_heldout`` (``.md``, ``.csv``), their forest plots, and Figures 4–5 under
+    held-out selection (``figure4_heldout``, ``figure5_heldout``), for the held-out runs there are."""
     from melora.files import atomic_write_text
     from melora.report import protocol
 
@@ -98,4 +99,9 @@ def _heldout_table(records: list[dict], folder: Path, model: str | None, log: Ca
             name = "verdicts" if layout is protocol.TABLE2 else f"verdicts_{layout.name.removesuffix('_heldout')}"
             written[name] = save_figure(fig, folder.parent / "figures", name)
             log(f"{name}: " + ", ".join(map(str, written[name])))
+    for name in ("figure4", "figure5"):  # each point at the lr its validation metric chose
+        fig = FIGURES[name](records, model=model, heldout=True)
+        if fig is not None:
+            written[f"{name}_heldout"] = save_figure(fig, folder.parent / "figures", f"{name}_heldout")
+            log(f"{name}_heldout: " + ", ".join(map(str, written[f"{name}_heldout"])))
     return written

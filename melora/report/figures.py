@@ -1,7 +1,10 @@
 """Figures 3–5 as matplotlib ``Figure`` objects (no pyplot state), saved as PNG and PDF.
 
 Figure 4 and 5 plot the mean dev metric (×100, error bars: std over seeds) of
-LoRA (n = 1) and MELoRA runs against ``n`` or ``r``, one panel per task. Figure 3
+LoRA (n = 1) and MELoRA runs against ``n`` or ``r``, one panel per task. Under
+the held-out protocol (``heldout=True``) each point is at the learning rate its
+mean validation metric chose (:func:`melora.report.protocol.choose`), and the
+dev metric at that lr is plotted. Figure 3
 plots, per adapted layer, the number of singular values of ``ΔW`` above 0.1 for
 LoRA r=8 and for each MELoRA n×r setting, one panel per (task, setting).
 """
@@ -17,7 +20,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FixedLocator, NullLocator
 
 from melora.report.paper import GLUE_LABELS, METRIC_NAMES, spec_tasks
-from melora.report.records import completed, label_of, lora_family, scope
+from melora.report.records import completed, label_of, lora_family, scope, selection_of
 from melora.report.spectra import BaseModelFactory, has_spectra, mean_counts, run_spectra
 from melora.report.stats import Cell
 
@@ -42,30 +45,45 @@ def _figure_tasks(name: str, records: list[dict], profile: str | None, tasks: li
     return tasks or sorted({r["task"] for r in records if r.get("task")})
 
 
-def sweep_points(records: list[dict], task: str, x: str) -> dict[int, dict[int, Cell]]:
+def sweep_points(records: list[dict], task: str, x: str, heldout: bool = False) -> dict[int, dict[int, Cell]]:
     """Line value → x value → dev metric over seeds, for LoRA/MELoRA runs of ``task``.
 
-    ``x`` is ``"n"`` (lines: r) or ``"r"`` (lines: n).
+    ``x`` is ``"n"`` (lines: r) or ``"r"`` (lines: n). ``heldout``: the runs
+    chose their epoch on a held-out split; each (n, r) takes the lr with the
+    best mean validation metric, and its cell holds the dev metric at that lr.
     """
     points: dict[int, dict[int, Cell]] = defaultdict(lambda: defaultdict(Cell))
+    families: dict[tuple[int, int], list[dict]] = defaultdict(list)
     for record in records:
         family = lora_family(record)
         if family is None or record.get("task") != task or not completed(record) or record.get("best_metric") is None:
+            continue
+        if heldout:
+            families[family].append(record)
             continue
         n, r = family
         xv, line = (n, r) if x == "n" else (r, n)
         cell = points[line][xv]
         cell.values.append(float(record["best_metric"]))
         cell.seeds.append(record.get("seed"))
+    if heldout:
+        from melora.report.protocol import choose, collect
+
+        for (n, r), group in families.items():
+            cells, _ = collect(group)
+            row = next(iter(cells))[1]  # one family: one row and setting
+            choice = choose(cells, task, row)
+            xv, line = (n, r) if x == "n" else (r, n)
+            points[line][xv] = Cell(values=[v / 100 for v in choice.dev.values], seeds=list(choice.dev.seeds))
     return points
 
 
-def plot_sweep(records: list[dict], tasks: list[str], x: str, lines: tuple[int, ...] | None, title: str) -> Figure:
+def plot_sweep(records: list[dict], tasks: list[str], x: str, lines: tuple[int, ...] | None, title: str, heldout: bool = False) -> Figure:
     """One panel per task: the dev metric against ``x`` (``"n"`` or ``"r"``), one line per fixed value of the other."""
     fig, axes = _new_figure(len(tasks), ncols=4)
     other = "r" if x == "n" else "n"
     for ax, task in zip(axes, tasks):
-        points = sweep_points(records, task, x)
+        points = sweep_points(records, task, x, heldout)
         metric = next((r.get("metric") for r in records if r.get("task") == task and r.get("metric")), None)
         ax.set_title(f"{GLUE_LABELS.get(task, task)}" + (f" ({METRIC_NAMES.get(metric, metric)})" if metric else ""))
         shown = [v for v in (lines or sorted(points)) if points.get(v)]
@@ -97,22 +115,30 @@ def _title(what: str, records: list[dict], model: str | None, profile: str | Non
     return f"{what}\n{model}, profile {profile}, seeds {', '.join(map(str, seeds))}"
 
 
-def _sweep_figure(name: str, what: str, x: str, fixed: tuple[int, int], records: list[dict], tasks, model, profile) -> Figure | None:
+def _sweep_figure(name: str, what: str, x: str, fixed: tuple[int, int], records: list[dict], tasks, model, profile,
+                  heldout: bool = False) -> Figure | None:
     """A Figure 4/5 panel grid: dev metric against ``x`` for each value in ``fixed`` of the other axis."""
     records, model, profile = scope(records, "glue", model, profile)
+    if heldout:
+        records = [r for r in records if selection_of(r) == "heldout"]
+        what += " (held-out selection: epoch and lr chosen on validation, dev shown)"
+        # a held-out figure only where its lines have runs (the Table 2/4 runs alone may give none)
+        records = [r for r in records if (f := lora_family(r)) is not None and (f[1] if x == "n" else f[0]) in fixed]
     if not records:
         return None
-    return plot_sweep(records, _figure_tasks(name, records, profile, tasks), x, fixed, _title(what, records, model, profile))
+    return plot_sweep(records, _figure_tasks(name, records, profile, tasks), x, fixed, _title(what, records, model, profile), heldout)
 
 
-def figure4(records: list[dict], tasks: list[str] | None = None, model: str | None = None, profile: str | None = None) -> Figure | None:
+def figure4(records: list[dict], tasks: list[str] | None = None, model: str | None = None, profile: str | None = None,
+            heldout: bool = False) -> Figure | None:
     """Figure 4: dev metric against n with r fixed to 2 and 4 (n = 1: LoRA r)."""
-    return _sweep_figure("figure4", "Figure 4: effect of n at fixed r", "n", (2, 4), records, tasks, model, profile)
+    return _sweep_figure("figure4", "Figure 4: effect of n at fixed r", "n", (2, 4), records, tasks, model, profile, heldout)
 
 
-def figure5(records: list[dict], tasks: list[str] | None = None, model: str | None = None, profile: str | None = None) -> Figure | None:
+def figure5(records: list[dict], tasks: list[str] | None = None, model: str | None = None, profile: str | None = None,
+            heldout: bool = False) -> Figure | None:
     """Figure 5: dev metric against r with n fixed to 1 (LoRA) and 2."""
-    return _sweep_figure("figure5", "Figure 5: effect of r at fixed n", "r", (1, 2), records, tasks, model, profile)
+    return _sweep_figure("figure5", "Figure 5: effect of r at fixed n", "r", (1, 2), records, tasks, model, profile, heldout)
 
 
 def figure3(records: list[dict], tasks: list[str] | None = None, model: str | None = None, profile: str | None = None,

@@ -144,3 +144,29 @@ def test_cli_demo_prints_its_table(tmp_path, capsys):
     assert "## Demo (a slice of Table 2): GLUE dev results, minilm" in out
     assert "| MELoRA n=8 r=1 | 9.2K | 81.0 | 87.0 | 84.0 |" in out
     assert (tmp_path / "demo" / "tables" / "demo.md").read_text() in out
+
+
+def test_heldout_figures_plot_dev_at_the_lr_validation_chose():
+    """Each (n, r) point takes the lr with the best mean validation metric; the dev metric at that lr is drawn."""
+
+    def run(method, n, r, lr, seed, val, dev):
+        mc = {"method": method, "n": n, "r": r}
+        return {"kind": "glue", "task": "stsb", "metric": "pearson", "status": "completed", "seed": seed, "model": "minilm",
+                "profile": "mini", "selection": {"split": "heldout"}, "method_config": mc, "config": {"task": {"lr": lr}},
+                "best_metric": val, "best_metrics": {"pearson": dev}}
+
+    records = []
+    for seed in (0, 1, 2):
+        for r in (2, 4):
+            records.append(run("lora", 1, r, 1e-3, seed, 0.80, 0.70 + seed / 100))
+            records.append(run("lora", 1, r, 3e-3, seed, 0.70, 0.99))  # best dev, worse validation: never drawn
+            records.append(run("melora", 4, r, 3e-3, seed, 0.85, 0.60 + r / 100))
+            records.append(run("melora", 4, r, 1e-3, seed, 0.84, 0.99))
+        records.append(dict(run("melora", 4, 2, 1e-3, seed, 0.99, 0.11), selection={"split": "dev"}))  # not held-out: left out
+    fig = figure4(records, heldout=True)
+    assert [ax.get_title().split(" ")[0] for ax in fig.axes] == ["SST-2", "CoLA", "STS-B"]  # the mini spec's tasks
+    lines = series(fig.axes[2])
+    assert lines["r=2"] == ([1, 4], [71.0, 62.0]) and lines["r=4"] == ([1, 4], [71.0, 64.0])
+    assert "held-out selection" in fig._suptitle.get_text()
+    assert figure5(records, heldout=True) is not None
+    assert figure4([r for r in records if r["method_config"]["r"] == 8], heldout=True) is None  # no run on its lines
