@@ -15,7 +15,8 @@ interpreter (:mod:`melora.instructeval.sandbox`).
 training run's adapter or a base model and writes its ``eval_record.json``.
 
 Modules: ``run`` (the Hydra entry point, :func:`evaluate_instruct`), ``data`` (loading, subsampling), ``generation`` (batched greedy
-generation, log-likelihoods), ``fewshot`` (fitting shots into the context),
+generation, log-likelihoods), ``fewshot`` (the settings every benchmark takes,
+:class:`EvalSettings`, their shared flow, and fitting shots into the context),
 ``mmlu``, ``bbh``, ``drop``, ``humaneval`` (one benchmark each), ``sandbox``
 (code execution), ``results`` (the result-dict schema), ``harness``
 (:func:`evaluate_all`).
@@ -24,7 +25,7 @@ generation, log-likelihoods), ``fewshot`` (fitting shots into the context),
 from melora.instructeval.bbh import build_bbh_prompt, evaluate_bbh, extract_bbh_answer
 from melora.instructeval.data import load_bbh, load_drop, load_humaneval, load_mmlu, resolve_data_dir, subsample
 from melora.instructeval.drop import build_drop_prompt, drop_em_f1, drop_metrics, evaluate_drop
-from melora.instructeval.fewshot import fit_shots
+from melora.instructeval.fewshot import EvalSettings, fit_shots
 from melora.instructeval.generation import generate_batch
 from melora.instructeval.harness import TASKS, evaluate_all
 from melora.instructeval.humaneval import build_humaneval_prompt, evaluate_humaneval, postprocess_completion, score_completions
@@ -34,6 +35,7 @@ from melora.instructeval.sandbox import check_correctness, run_in_sandbox
 
 __all__ = [
     "TASKS",
+    "EvalSettings",
     "build_bbh_prompt",
     "build_drop_prompt",
     "build_humaneval_prompt",

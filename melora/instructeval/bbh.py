@@ -25,14 +25,13 @@ average over all examples is reported too.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from typing import Any
 
 from melora.instructeval.data import BBH_HUB, describe_source, load_bbh, subsample
-from melora.instructeval.fewshot import fewshot_fields, fit_shots, input_budget
+from melora.instructeval.fewshot import EvalSettings, Evaluation
 from melora.instructeval.generation import generate_batch
-from melora.instructeval.results import make_result, mean
+from melora.instructeval.results import mean
 
 
 def format_bbh_example(example: dict[str, str], include_answer: bool = True) -> str:
@@ -64,94 +63,49 @@ def bbh_prefix_match(generation: str, target: str) -> bool:
 
 
 def evaluate_bbh(
-    model,
-    tokenizer,
-    *,
-    data_dir: str | None = None,
-    tasks: Sequence[str] | None = None,
-    n_shots: int = 3,
-    max_examples: int | None = None,
-    seed: int = 0,
-    batch_size: int = 8,
-    max_length: int | None = 2048,
-    max_new_tokens: int = 32,
-    return_predictions: bool = False,
+    model, tokenizer, settings: EvalSettings | None = None, *, tasks: Sequence[str] | None = None, **overrides: Any
 ) -> dict[str, Any]:
     """BBH exact match (see the module docstring for the protocol).
 
     Args:
         model, tokenizer: a HF causal LM and its tokenizer.
-        data_dir: local data root (else ``$MELORA_DATA_DIR``, else the hub).
+        settings: the shared settings (:class:`~melora.instructeval.fewshot.EvalSettings`);
+            here ``n_shots`` (3) are taken from the start of each task, ``max_examples``
+            applies per task and ``max_new_tokens`` defaults to 32 (instruct-eval's).
         tasks: task names; default all 27.
-        n_shots: shots taken from the start of each task (3).
-        max_examples: evaluated examples per task, subsampled with ``seed``.
-        seed: subsampling seed.
-        batch_size: prompts per forward pass.
-        max_length: context window, prompt plus generated tokens.
-        max_new_tokens: generated tokens (instruct-eval: 32).
-        return_predictions: add per-example predictions to the result.
+        **overrides: any settings field, e.g. ``max_examples=20``.
 
     Returns:
         A result dict (:mod:`melora.instructeval.results`), headline ``exact_match``
         (macro over tasks).
     """
-    start = time.perf_counter()
-    data = load_bbh(data_dir, tasks)
-    items: list[dict[str, Any]] = []
+    s = EvalSettings.resolve(settings, overrides, n_shots=3, max_new_tokens=32)
+    run = Evaluation("bbh", s, scope="per_subtask")
+    data = load_bbh(s.data_dir, tasks)
     for task, examples in data.items():
-        shots = examples[:n_shots]
-        pool = list(enumerate(examples))[n_shots:]
-        for index, example in subsample(pool, max_examples, seed, task):
-            fitted = fit_shots(
-                tokenizer,
-                lambda k, sh=shots, ex=example: build_bbh_prompt(sh[:k], ex),
-                len(shots), max_length, max_new_tokens,
-            )
-            items.append({"task": task, "index": index, "example": example, "fitted": fitted})
+        shots = examples[: s.n_shots]
+        pool = list(enumerate(examples))[s.n_shots :]
+        for index, example in subsample(pool, s.max_examples, s.seed, task):
+            fitted = s.fit(tokenizer, lambda k, sh=shots, ex=example: build_bbh_prompt(sh[:k], ex), len(shots))
+            run.add(fitted, task=task, index=index, example=example)
 
-    generations = generate_batch(
-        model, tokenizer, [it["fitted"].text for it in items], max_new_tokens, batch_size,
-        max_input_tokens=input_budget(max_length, max_new_tokens),
-    )
-    per_task: dict[str, dict[str, list[bool]]] = {t: {"em": [], "prefix": []} for t in data}
-    predictions = []
-    for it, gen in zip(items, generations, strict=True):
+    generations = generate_batch(model, tokenizer, run.prompts, **s.generate_args())
+    for it, gen in zip(run.items, generations, strict=True):
         target = it["example"]["target"]
-        em, prefix = bbh_exact_match(gen, target), bbh_prefix_match(gen, target)
-        per_task[it["task"]]["em"].append(em)
-        per_task[it["task"]]["prefix"].append(prefix)
-        predictions.append(
-            {
-                "task": it["task"], "index": it["index"], "generation": gen,
-                "prediction": extract_bbh_answer(gen), "target": target, "correct": em,
-                "n_shots": it["fitted"].n_shots,
-            }
+        em = bbh_exact_match(gen, target)
+        run.score(
+            it["task"], {"exact_match": em, "prefix_match": bbh_prefix_match(gen, target)},
+            task=it["task"], index=it["index"], generation=gen, prediction=extract_bbh_answer(gen), target=target,
+            correct=em, n_shots=it["fitted"].n_shots,
         )
-    per_subtask = {
-        t: {"exact_match": mean(v["em"]), "prefix_match": mean(v["prefix"]), "n": len(v["em"])}
-        for t, v in per_task.items()
-        if v["em"]
-    }
-    all_em = [e for v in per_task.values() for e in v["em"]]
-    return make_result(
-        task="bbh",
-        metric="exact_match",
-        metrics={
+    per_subtask = run.per_subtask("exact_match", "prefix_match")
+    return run.result(
+        "exact_match",
+        {
             "exact_match": mean(v["exact_match"] for v in per_subtask.values()),
             "prefix_match": mean(v["prefix_match"] for v in per_subtask.values()),
-            "micro_exact_match": mean(all_em),
+            "micro_exact_match": run.micro("exact_match"),
         },
-        per_subtask=per_subtask,
-        n_examples=len(all_em),
-        **fewshot_fields(n_shots, items),
-        generation={
-            "max_new_tokens": max_new_tokens, "max_length": max_length,
-            "batch_size": batch_size, "stop": None,
-        },
-        max_examples=max_examples,
-        max_examples_scope="per_subtask",
-        seed=seed,
-        data_source=describe_source("bbh", BBH_HUB, data_dir),
-        time_s=time.perf_counter() - start,
-        predictions=predictions if return_predictions else None,
+        per_subtask,
+        data_source=describe_source("bbh", BBH_HUB, s.data_dir),
     )

