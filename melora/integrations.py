@@ -137,10 +137,11 @@ class MELoRACallback(TrainerCallback):
                 f"MELoRACallback was given a '{self.config.method}' adapter config that differs from the Trainer's "
                 f"model ('{config.method}'); pass the injected model the Trainer trains"
             )
-        if isinstance(config, melora.AdaLoRAConfig) and config.total_step != state.max_steps:
+        field = type(config).total_steps_field  # a schedule fixed at injection (AdaLoRA's total_step)
+        if field and getattr(config, field) != state.max_steps:
             raise ValueError(
-                f"AdaLoRA was injected with total_step={config.total_step} but the Trainer runs {state.max_steps} "
-                f"optimiser steps; inject with melora.AdaLoRAConfig(total_step={state.max_steps}, ...)"
+                f"'{config.method}' was injected with {field}={getattr(config, field)} but the Trainer runs "
+                f"{state.max_steps} optimiser steps; inject with {type(config).__name__}({field}={state.max_steps}, ...)"
             )
         if self.adapter_only and args.load_best_model_at_end and not _is_peft_model(model):
             raise ValueError(

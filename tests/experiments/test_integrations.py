@@ -164,7 +164,7 @@ def tiny_rows() -> list[dict]:
     [
         ("not injected", "melora.inject"),
         ("other config", "pass the injected model the Trainer trains"),
-        ("adalora steps", r"inject with melora.AdaLoRAConfig\(total_step=4"),
+        ("adalora steps", r"inject with AdaLoRAConfig\(total_step=4"),
         ("best model", "load_best_model_at_end"),
     ],
 )
