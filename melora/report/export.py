@@ -51,13 +51,17 @@ def export_runs(runs: str | Path, out: str | Path, log: Callable[[str], None] = 
     """Copy the records of every run under ``runs`` to ``out`` (same layout); returns the run count.
 
     Runs already exported with an unchanged record are left alone, so a rerun
-    after a few new runs only computes their spectra.
+    after a few new runs only computes their spectra. A run still in progress
+    (``status: running``: training now, or killed and waiting to resume) is not
+    exported: a snapshot of it would read as a finished run's record.
     """
     runs, out = Path(runs), Path(out)
     count = 0
     for record in load_records(runs):
         source = Path(record["run_dir"])
         if not (source / RECORD_FILE).is_file():  # a base model's evaluation: copied below
+            continue
+        if record.get("status") == "running":
             continue
         target = out / source.relative_to(runs)
         unchanged = (target / RECORD_FILE).is_file() and (target / RECORD_FILE).read_bytes() == (source / RECORD_FILE).read_bytes()

@@ -242,6 +242,18 @@ def test_base_model_row_in_tables_3_and_5(tmp_path):
     assert "Run time (training and evaluation): 22 min summed over 5 runs" in table3(records).caption
 
 
+def test_export_leaves_out_runs_in_progress(tmp_path):
+    from melora.report.export import export_runs
+
+    runs = tmp_path / "runs"
+    fake_record(runs, "mrpc", "lora_r8", 0, 0.7)
+    fake_record(runs, "mrpc", "lora_r8", 1, 0.7, status="failed")
+    fake_record(runs, "mrpc", "lora_r8", 2, None, status="running")  # training now, or killed before it finished
+    assert export_runs(runs, tmp_path / "out", log=lambda message: None) == 2
+    exported = sorted(p.parent.name for p in (tmp_path / "out").rglob("record.json"))
+    assert exported == ["seed0", "seed1"]
+
+
 def test_export_keeps_evaluations_and_the_base_model(tmp_path):
     from melora.report.export import export_runs
 
