@@ -11,8 +11,8 @@ round:
   layer (frozen base included, the input requiring grad) per call. Variants,
   built by ``scripts/bench_layer.py``'s builders: ``base`` (the frozen
   ``nn.Linear``), ``melora`` (``MELoRALinear``, formulation chosen by its cost
-  rule: the ``path`` column), ``melora_bmm`` / ``melora_dense`` /
-  ``melora_fused`` (each formulation forced: what calibrates the rule),
+  rule: the ``path`` column), ``melora_<path>`` for each of
+  ``melora.adapters.melora.PATHS`` (each formulation forced: what calibrates the rule),
   ``peft_lora_nr`` / ``peft_lora_r`` (PEFT LoRA at rank ``n·r`` / ``r``) and
   ``mini_loop`` (the official Python loop over ``n`` mini LoRAs);
 * a training step (forward, loss, backward, AdamW step, zero_grad) of a
@@ -366,7 +366,10 @@ def fastest_path(cells: dict[str, float]) -> str:
     return min(PATHS, key=lambda path: cells[f"melora_{path}"])
 
 
-LAYER_COLUMNS = ["melora", "melora_bmm", "melora_dense", "melora_fused", "peft_lora_nr", "peft_lora_r", "mini_loop"]
+def layer_columns() -> list[str]:
+    from melora.adapters.melora import PATHS
+
+    return ["melora", *[f"melora_{path}" for path in PATHS], "peft_lora_nr", "peft_lora_r", "mini_loop"]
 
 
 def render_markdown(rows: list[dict], targets: list[dict], meta: dict) -> str:
@@ -393,11 +396,12 @@ def render_markdown(rows: list[dict], targets: list[dict], meta: dict) -> str:
     for (d, T), configs in groups.items():
         base_ms = next(iter(configs.values()))["base"]["ms"]
         out.write(f"\n### d = {d}, T = {T}; base {base_ms:.3f} ms\n\n")
-        out.write("| n | r | path | fastest | " + " | ".join(LAYER_COLUMNS) + " |\n")
-        out.write("|---:|---:|:---|:---|" + "---:|" * len(LAYER_COLUMNS) + "\n")
+        columns = layer_columns()
+        out.write("| n | r | path | fastest | " + " | ".join(columns) + " |\n")
+        out.write("|---:|---:|:---|:---|" + "---:|" * len(columns) + "\n")
         for (n, r), cells in sorted(configs.items()):
             ms = {variant: row["ms"] for variant, row in cells.items()}
-            text = " | ".join(f"{ms[v]:.3f} ({ms[v] / base_ms:.2f}×)" for v in LAYER_COLUMNS)
+            text = " | ".join(f"{ms[v]:.3f} ({ms[v] / base_ms:.2f}×)" for v in columns)
             out.write(f"| {n} | {r} | {cells['melora']['path']} | {fastest_path(ms)} | {text} |\n")
     steps = [row for row in rows if row["kind"] == "step"]
     if steps:

@@ -14,7 +14,7 @@ Variants, all sharing one frozen base layer per ``(d, T)``:
 * ``base``: the frozen ``nn.Linear`` alone, the denominator of every ratio;
 * ``melora``: ``melora.MELoRALinear(base, n, r)``, its formulation picked by
   the cost rule (the ``path`` column);
-* ``melora_bmm`` / ``melora_dense`` / ``melora_fused`` (with ``--paths``):
+* ``melora_<path>`` for each of ``melora.adapters.melora.PATHS`` (with ``--paths``):
   the same layer with ``layer.path`` forced, the measurements that calibrate
   the rule's constants (``melora/adapters/melora.py``);
 * ``peft_lora_nr`` / ``peft_lora_r``: PEFT's ``lora.Linear`` (built with

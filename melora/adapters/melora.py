@@ -46,7 +46,9 @@ from melora.adapters.base import AdapterConfig, AdapterLayer, AdapterMethod, Con
 
 SCALINGS = ("per_mini", "equivalent", "rslora")
 INITS = ("kaiming", "gaussian")
-PATHS = ("bmm", "dense", "fused")
+PATHS = ("bmm", "dense", "fused", "fused_dense", "fused_blocks")
+# The paths that run the frozen layer and the adapter in one _FusedMELoRA, and the form of its products.
+FUSED_FORMS = {"fused": "bmm", "fused_dense": "dense", "fused_blocks": "blocks"}
 
 # The cost rule of choose_path.
 #
@@ -304,8 +306,8 @@ class MELoRALinear(AdapterLayer):
         if self.merged:
             return self.base_layer(x)
         path = self.path_for(x)
-        if path == "fused":
-            return self._fused_forward(x)
+        if path in FUSED_FORMS:
+            return self._fused_forward(x, FUSED_FORMS[path])
         return self.add_adapter_output(self.base_layer(x), self.lora_dropout(x), path)
 
     def path_for(self, x: torch.Tensor) -> str:
@@ -314,14 +316,14 @@ class MELoRALinear(AdapterLayer):
             needs_grad = torch.is_grad_enabled() and (x.requires_grad or self.lora_A.requires_grad or self.lora_B.requires_grad)
             dtype = self._adapter_dtype(x)
             path = choose_path(self.d_in, self.d_out, self.n, self.r, x.numel() // self.d_in, dtype, x.device, needs_grad)
-            if path == "fused" and not self._fusable():
-                return "dense" if self.n == 1 else "bmm"
+            if path in FUSED_FORMS and not self._fusable():
+                return "dense" if self.n == 1 or path == "fused_dense" else "bmm"
             return path
         if self.path not in PATHS:
             raise ValueError(f"path={self.path!r} is unknown; set layer.path to 'auto' or one of {PATHS}")
-        if self.path == "fused" and not self._fusable():
+        if self.path in FUSED_FORMS and not self._fusable():
             raise ValueError(
-                f"path='fused' needs a frozen nn.Linear or Conv1D without hooks as base_layer, got "
+                f"path={self.path!r} needs a frozen nn.Linear or Conv1D without hooks as base_layer, got "
                 f"{type(self.base_layer).__name__}; set layer.path to 'bmm' or 'dense'"
             )
         return self.path
@@ -370,21 +372,15 @@ class MELoRALinear(AdapterLayer):
 
     def dense_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``blockdiag(A_1..A_n)`` ``(n·r, d_in)`` and ``blockdiag(B_1..B_n)`` ``(d_out, n·r)``, differentiable."""
-        if self.n == 1:
-            return self.lora_A[0], self.lora_B[0]
-        n, r = self.n, self.r
-        # diag_embed puts block i at [i, :, i, :] of an (n, ·, n, ·) tensor in one op (torch.block_diag takes n).
-        A = torch.diag_embed(self.lora_A.permute(1, 2, 0), dim1=0, dim2=2).reshape(n * r, self.d_in)
-        B = torch.diag_embed(self.lora_B.permute(1, 2, 0), dim1=0, dim2=2).reshape(self.d_out, n * r)
-        return A, B
+        return _block_diagonal(self.lora_A), _block_diagonal(self.lora_B)
 
-    def _fused_forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _fused_forward(self, x: torch.Tensor, form: str) -> torch.Tensor:
         base = self.base_layer
         # Without dropout the adapter's input gradient is added into the frozen layer's in place.
         shared = isinstance(self.lora_dropout, nn.Identity) or not self.lora_dropout.training
         out = _FusedMELoRA.apply(
             x, None if shared else self.lora_dropout(x), base.weight, base.bias, self.lora_A, self.lora_B,
-            self.scaling, self.fan_in_fan_out, self._adapter_dtype(x),
+            self.scaling, self.fan_in_fan_out, self._adapter_dtype(x), form,
         )  # fmt: skip
         return out.view(*x.shape[:-1], self.d_out)
 
@@ -404,20 +400,52 @@ class MELoRALinear(AdapterLayer):
         )
 
 
+def _block_diagonal(blocks: torch.Tensor) -> torch.Tensor:
+    """``blockdiag(blocks_1..blocks_n)`` ``(n·p, n·q)`` from packed ``blocks`` ``(n, p, q)``, in one op."""
+    n, p, q = blocks.shape
+    if n == 1:
+        return blocks[0]
+    # diag_embed puts block i at [i, :, i, :] of an (n, p, n, q) tensor (torch.block_diag takes n tensors).
+    return torch.diag_embed(blocks.permute(1, 2, 0), dim1=0, dim2=2).reshape(n * p, n * q)
+
+
+def _diagonal_blocks(dense: torch.Tensor, n: int) -> torch.Tensor:
+    """The ``n`` diagonal blocks ``(n, p, q)`` of ``dense`` ``(n·p, n·q)``: the inverse of :func:`_block_diagonal`."""
+    p, q = dense.shape[0] // n, dense.shape[1] // n
+    return dense.view(n, p, n, q).diagonal(dim1=0, dim2=2).permute(2, 0, 1).contiguous()
+
+
+def _addmm_into(out: torch.Tensor, mat1: torch.Tensor, mat2: torch.Tensor) -> torch.Tensor:
+    """``out ← out + mat1 @ mat2``: in place in eager mode, out of place under ``torch.compile``."""
+    if torch.compiler.is_compiling():
+        return out + mat1 @ mat2
+    return out.addmm_(mat1, mat2)
+
+
 class _FusedMELoRA(torch.autograd.Function):
-    """``h = base(x) + s · concat_i(B_i A_i x'_i)`` with the ``"bmm"`` products and a copy-free backward.
+    """``h = base(x) + s · concat_i(B_i A_i x'_i)`` in one Function, with a copy-free backward.
 
     ``x'`` is ``adapter_x`` (``x`` after dropout), or ``x`` itself when
     ``adapter_x`` is ``None``: then the adapter's input gradient is added into
-    the frozen layer's ``g·W`` in place through a strided ``(n, T, d_in/n)``
-    view, as the forward adds into the frozen output. Shapes: ``x`` ``(..., d_in)``;
-    ``weight`` ``(d_out, d_in)`` (``(d_in, d_out)`` if ``fan_in_fan_out``);
-    ``lora_A`` ``(n, r, d_in/n)``; ``lora_B`` ``(n, d_out/n, r)``; output
-    ``(T, d_out)``. The frozen weight and bias get no gradient.
+    the frozen layer's ``g·W`` in place, as the forward adds into the frozen
+    output. ``form`` is how the two adapter products are computed, forward and
+    backward (the three are exact; which is fastest depends on the shape):
+
+    - ``"bmm"``: batched products over strided ``(n, T, ·)`` views;
+    - ``"dense"``: one GEMM per product with ``blockdiag(A)`` ``(n·r, d_in)`` and
+      ``blockdiag(B)`` ``(d_out, n·r)``, LoRA's GEMMs at rank ``n·r``; the
+      factors' gradients are the diagonal blocks of the dense ones;
+    - ``"blocks"``: ``n`` GEMM pairs on column slices ``(T, d_in/n)`` of the
+      input (a Python loop over the mini LoRAs, with no copies).
+
+    Shapes: ``x`` ``(..., d_in)``; ``weight`` ``(d_out, d_in)`` (``(d_in, d_out)``
+    if ``fan_in_fan_out``); ``lora_A`` ``(n, r, d_in/n)``; ``lora_B``
+    ``(n, d_out/n, r)``; output ``(T, d_out)``. The frozen weight and bias get
+    no gradient.
     """
 
     @staticmethod
-    def forward(ctx, x, adapter_x, weight, bias, lora_A, lora_B, scaling, fan_in_fan_out, adapter_dtype):
+    def forward(ctx, x, adapter_x, weight, bias, lora_A, lora_B, scaling, fan_in_fan_out, adapter_dtype, form):
         n, d_in = lora_A.shape[0], x.shape[-1]
         k = d_in // n
         x2 = x.reshape(-1, d_in)
@@ -434,38 +462,102 @@ class _FusedMELoRA(torch.autograd.Function):
         xa = (x2 if adapter_x is None else adapter_x.reshape(-1, d_in)).to(adapter_dtype)
         A = lora_A.to(adapter_dtype)
         B = lora_B.to(result.dtype)
-        hidden = torch.bmm(xa.reshape(-1, n, k).transpose(0, 1), A.transpose(1, 2)) * scaling  # (n, T, r)
-        hidden = hidden.to(result.dtype)
-        result = _add_block_products(result, hidden, B.transpose(1, 2))
-        ctx.save_for_backward(xa, weight, A, B, hidden)
-        ctx.scaling, ctx.fan_in_fan_out, ctx.shared, ctx.x_shape = scaling, fan_in_fan_out, adapter_x is None, x.shape
+        if form == "dense":
+            hidden = ((xa @ _block_diagonal(A).T) * scaling).to(result.dtype)  # (T, n·r)
+            result = _addmm_into(result, hidden, _block_diagonal(B).T)
+            hiddens = (hidden,)
+        elif form == "blocks":
+            m = B.shape[1]
+            hiddens = tuple(((xa[:, i * k : (i + 1) * k] @ A[i].T) * scaling).to(result.dtype) for i in range(n))  # n × (T, r)
+            if torch.compiler.is_compiling():
+                result = result + torch.cat([h @ B[i].T for i, h in enumerate(hiddens)], dim=1)
+            else:
+                for i, h in enumerate(hiddens):
+                    result[:, i * m : (i + 1) * m].addmm_(h, B[i].T)
+        else:
+            hidden = torch.bmm(xa.reshape(-1, n, k).transpose(0, 1), A.transpose(1, 2)) * scaling  # (n, T, r)
+            hidden = hidden.to(result.dtype)
+            result = _add_block_products(result, hidden, B.transpose(1, 2))
+            hiddens = (hidden,)
+        ctx.save_for_backward(xa, weight, A, B, *hiddens)
+        ctx.scaling, ctx.fan_in_fan_out, ctx.shared, ctx.x_shape, ctx.form = scaling, fan_in_fan_out, adapter_x is None, x.shape, form
         ctx.dtypes = (x.dtype, lora_A.dtype, lora_B.dtype, None if adapter_x is None else adapter_x.dtype)
         return result
 
     @staticmethod
     def backward(ctx, grad):
-        xa, weight, A, B, hidden = ctx.saved_tensors
+        xa, weight, A, B, *hiddens = ctx.saved_tensors
         x_dtype, A_dtype, B_dtype, adapter_x_dtype = ctx.dtypes
         n, r, k = A.shape
         m = B.shape[1]
-        g = grad.reshape(-1, n * m).to(B.dtype).contiguous()
-        g_blocks = g.view(-1, n, m).transpose(0, 1)  # (n, T, d_out/n), strided view
-        grad_hidden = (torch.bmm(g_blocks, B) * ctx.scaling).to(A.dtype)  # (n, T, r)
-        xa_blocks = xa.reshape(-1, n, k).transpose(0, 1)
         need = ctx.needs_input_grad
-        grad_A = torch.bmm(grad_hidden.transpose(1, 2), xa_blocks).to(A_dtype) if need[4] else None
-        grad_B = torch.bmm(g_blocks.transpose(1, 2), hidden).to(B_dtype) if need[5] else None
+        g = grad.reshape(-1, n * m).to(B.dtype).contiguous()
+        grad_A, grad_B, add_input_grad = _ADAPTER_BACKWARD[ctx.form](g, xa, A, B, hiddens, ctx.scaling, need[4], need[5])
+        grad_A = None if grad_A is None else grad_A.to(A_dtype)
+        grad_B = None if grad_B is None else grad_B.to(B_dtype)
         grad_x = grad_adapter_x = None
         if need[0]:
             grad_x = g @ weight.T if ctx.fan_in_fan_out else g @ weight  # (T, d_in), in the output's dtype
             if ctx.shared:
-                grad_x = _add_block_products(grad_x, grad_hidden.to(grad_x.dtype), A.to(grad_x.dtype))
+                grad_x = add_input_grad(grad_x)
             grad_x = grad_x.to(x_dtype).view(ctx.x_shape)
         if not ctx.shared and need[1]:
-            # beta=0: the empty buffer is ignored, not read.
-            grad_adapter_x = _add_block_products(torch.empty(xa.shape, dtype=A.dtype, device=xa.device), grad_hidden, A, beta=0)
+            grad_adapter_x = add_input_grad(torch.zeros(xa.shape, dtype=A.dtype, device=xa.device))
             grad_adapter_x = grad_adapter_x.to(adapter_x_dtype).view(ctx.x_shape)
-        return grad_x, grad_adapter_x, None, None, grad_A, grad_B, None, None, None
+        return grad_x, grad_adapter_x, None, None, grad_A, grad_B, None, None, None, None
+
+
+def _bmm_backward(g, xa, A, B, hiddens, scaling, need_A, need_B):
+    """The factors' gradients and the adapter's input gradient of form ``"bmm"``, from strided views."""
+    (hidden,) = hiddens  # (n, T, r)
+    n, r, k = A.shape
+    g_blocks = g.view(-1, n, B.shape[1]).transpose(0, 1)  # (n, T, d_out/n), strided view
+    grad_hidden = (torch.bmm(g_blocks, B) * scaling).to(A.dtype)  # (n, T, r)
+    xa_blocks = xa.reshape(-1, n, k).transpose(0, 1)
+    grad_A = torch.bmm(grad_hidden.transpose(1, 2), xa_blocks) if need_A else None
+    grad_B = torch.bmm(g_blocks.transpose(1, 2), hidden) if need_B else None
+
+    def add_input_grad(out):
+        return _add_block_products(out, grad_hidden.to(out.dtype), A.to(out.dtype))
+
+    return grad_A, grad_B, add_input_grad
+
+
+def _dense_backward(g, xa, A, B, hiddens, scaling, need_A, need_B):
+    """Form ``"dense"``: LoRA's backward at rank ``n·r``; the factors' gradients are the diagonal blocks."""
+    (hidden,) = hiddens  # (T, n·r)
+    n = A.shape[0]
+    A_dense = _block_diagonal(A)  # (n·r, d_in)
+    grad_hidden = ((g @ _block_diagonal(B)) * scaling).to(A.dtype)  # (T, n·r)
+    grad_A = _diagonal_blocks(grad_hidden.T @ xa, n) if need_A else None
+    grad_B = _diagonal_blocks(g.T @ hidden, n) if need_B else None
+
+    def add_input_grad(out):
+        return _addmm_into(out, grad_hidden.to(out.dtype), A_dense.to(out.dtype))
+
+    return grad_A, grad_B, add_input_grad
+
+
+def _blocks_backward(g, xa, A, B, hiddens, scaling, need_A, need_B):
+    """Form ``"blocks"``: one GEMM per mini LoRA and product, on column slices of ``g`` and ``x``."""
+    n, r, k = A.shape
+    m = B.shape[1]
+    g_blocks = [g[:, i * m : (i + 1) * m] for i in range(n)]  # n × (T, d_out/n), views
+    grad_hidden = [((g_i @ B[i]) * scaling).to(A.dtype) for i, g_i in enumerate(g_blocks)]  # n × (T, r)
+    grad_A = torch.stack([gh.T @ xa[:, i * k : (i + 1) * k] for i, gh in enumerate(grad_hidden)]) if need_A else None
+    grad_B = torch.stack([g_i.T @ h for g_i, h in zip(g_blocks, hiddens)]) if need_B else None
+
+    def add_input_grad(out):
+        if torch.compiler.is_compiling():
+            return out + torch.cat([gh.to(out.dtype) @ A[i].to(out.dtype) for i, gh in enumerate(grad_hidden)], dim=1)
+        for i, gh in enumerate(grad_hidden):
+            out[:, i * k : (i + 1) * k].addmm_(gh.to(out.dtype), A[i].to(out.dtype))
+        return out
+
+    return grad_A, grad_B, add_input_grad
+
+
+_ADAPTER_BACKWARD = {"bmm": _bmm_backward, "dense": _dense_backward, "blocks": _blocks_backward}
 
 
 @register
