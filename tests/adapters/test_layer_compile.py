@@ -59,7 +59,7 @@ def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
     return ((got.float() - want.float()).norm() / want.float().norm()).item()
 
 
-@pytest.mark.parametrize("path", ["fused", "bmm"])
+@pytest.mark.parametrize("path", ["fused", "fused_dense", "fused_blocks", "bmm"])
 def test_fullgraph_compile_in_training_mode(path):
     (eager, eager_grads), (compiled, compiled_grads) = eager_and_compiled(path, "aot_eager", train=True)
     torch.testing.assert_close(compiled, eager)
@@ -67,7 +67,7 @@ def test_fullgraph_compile_in_training_mode(path):
         torch.testing.assert_close(compiled_grads[name], eager_grads[name])
 
 
-@pytest.mark.parametrize("path", ["fused", "bmm", "dense"])
+@pytest.mark.parametrize("path", PATHS)
 def test_fullgraph_compile_under_bf16_autocast(path):
     """The traced graph rounds to bf16 in other places than eager: equal within bf16 tolerance."""
     (eager, eager_grads), (compiled, compiled_grads) = eager_and_compiled(path, "aot_eager", autocast=True)
