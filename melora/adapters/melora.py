@@ -52,12 +52,20 @@ FUSED_FORMS = {"fused": "bmm", "fused_dense": "dense", "fused_blocks": "blocks"}
 
 # The cost rule of choose_path.
 #
-# CPU: calibrated by `scripts/bench_layer.py --paths` (results/bench/layer.md: 2-core AMD EPYC,
-# fp32, d = 768 and 4096, n in {1..64}, r in {1, 2, 8}, 512 and 4096 tokens). With gradients
-# "fused" was the fastest path or within timing noise of it in every config, n = 1 included (it
-# adds the adapter's input gradient into the frozen layer's in place instead of summing two
-# tensors); without gradients "bmm" matched "dense" at small n·r and beat it as n·r grew.
-# "dense" never won by more than the noise, so the CPU rule never takes it for n ≥ 2.
+# CPU: calibrated by `scripts/bench_layer.py --paths` (results/bench/layer.md at 2 threads and
+# layer-1thread.md at 1 thread: 2-core AMD EPYC, fp32, d = 768 and 4096, n in {1..64},
+# r in {1, 2, 8}, 512 and 4096 tokens). With gradients the three fused paths beat their unfused
+# forms in almost every config (they add the adapter's input gradient into the frozen layer's in
+# place instead of summing two tensors), and among them: at r = 1 and small n, "fused_blocks"
+# (n GEMV-shaped products on column slices: 0.88-0.94 x the faster of PEFT LoRA rank n and the
+# per-mini loop, fastest samples, 1 thread, T = 4096) beat "fused" (bmm with inner dimension 1:
+# 1.00-1.04 x there); for n·r up to 32 "fused_dense" (LoRA's two GEMMs at rank n·r, whose
+# efficiency on this CPU does not grow monotonically with the rank) was the fastest or within
+# noise of it, and "fused" missed PEFT LoRA rank n·r by up to 5.5 % (n = 2, r = 8, T = 4096); past
+# n·r = 32 the dense GEMMs do n times the multiply-adds and "fused" won (0.67-0.93 x at n·r = 64,
+# 128, 512). Without gradients "bmm" matched "dense" at small n·r and beat it as n·r grew.
+CPU_BLOCKS_MAX_N = 8  # r = 1, 2 ≤ n ≤ this, with gradients: "fused_blocks"
+CPU_DENSE_MAX_RANK = 32  # n ≥ 2, n·r ≤ this, with gradients: "fused_dense"
 CALIBRATED_DEVICES = ("cpu",)
 # Other devices (cuda, mps, …): a roofline guess, UNCALIBRATED until `make bench-gpu` runs on one.
 # FLOP per byte of memory traffic below which a GEMM is memory-bound. The dense pair does
@@ -78,8 +86,11 @@ def choose_path(
 
     The rule (deterministic; the constants above say where each part comes from):
 
-    - CPU (calibrated): ``"fused"`` when the call needs gradients (any ``n``);
-      otherwise ``"dense"`` for ``n = 1`` (plain LoRA) and ``"bmm"`` for ``n ≥ 2``.
+    - CPU (calibrated), with gradients: ``"fused"`` for ``n = 1``;
+      ``"fused_blocks"`` for ``r = 1`` and ``n ≤ CPU_BLOCKS_MAX_N``;
+      ``"fused_dense"`` for ``n·r ≤ CPU_DENSE_MAX_RANK``; ``"fused"`` otherwise.
+      Without gradients: ``"dense"`` for ``n = 1`` (plain LoRA), ``"bmm"`` for
+      ``n ≥ 2``.
     - Other devices (uncalibrated roofline guess): ``n = 1``: ``"dense"``;
       ``"dense"`` when ``2·n·r ≤ MACHINE_BALANCE[device.type] · dtype.itemsize``
       and ``tokens ≥ DENSE_MIN_TOKENS_PER_RANK · n·r`` (memory-bound like
@@ -88,15 +99,20 @@ def choose_path(
 
     ``d_in`` and ``d_out`` cancel out of both cost ratios; they are arguments
     so that a calibrated rule may use them. A layer falls back from
-    ``"fused"`` to ``"bmm"`` (``"dense"`` at ``n = 1``) when its frozen layer
+    a fused path to its unfused form (``"bmm"``; ``"dense"`` for
+    ``"fused_dense"`` and at ``n = 1``) when its frozen layer
     is not a plain frozen ``nn.Linear`` / ``Conv1D`` without hooks
     (:meth:`MELoRALinear.path_for`).
     """
     device_type = torch.device(device).type
     if device_type in CALIBRATED_DEVICES:
-        if needs_grad:
+        if not needs_grad:
+            return "dense" if n == 1 else "bmm"
+        if n == 1:
             return "fused"
-        return "dense" if n == 1 else "bmm"
+        if r == 1 and n <= CPU_BLOCKS_MAX_N:
+            return "fused_blocks"
+        return "fused_dense" if n * r <= CPU_DENSE_MAX_RANK else "fused"
     if n == 1:
         return "dense"
     balance = MACHINE_BALANCE.get(device_type, DEFAULT_MACHINE_BALANCE)

@@ -96,6 +96,8 @@ def test_every_path_without_grad_and_after_merge(path):
 def rule(monkeypatch):
     """The rule with its thresholds pinned, so calibrating the constants does not rewrite these cases."""
     monkeypatch.setattr(melora_layer, "CALIBRATED_DEVICES", ("cpu",))
+    monkeypatch.setattr(melora_layer, "CPU_BLOCKS_MAX_N", 8)
+    monkeypatch.setattr(melora_layer, "CPU_DENSE_MAX_RANK", 32)
     monkeypatch.setattr(melora_layer, "MACHINE_BALANCE", {"cuda": 64.0})
     monkeypatch.setattr(melora_layer, "DEFAULT_MACHINE_BALANCE", 8.0)
     monkeypatch.setattr(melora_layer, "DENSE_MIN_TOKENS_PER_RANK", 4)
@@ -105,11 +107,20 @@ def rule(monkeypatch):
 @pytest.mark.parametrize(
     "d,n,r,tokens,dtype,device,needs_grad,expected",
     [
-        # CPU (calibrated): fused whenever gradients flow, n = 1 included; bmm (dense at n = 1) without
+        # CPU (calibrated), with gradients: a fused path; blocks at r = 1 and small n, dense up to n·r = 32
         (768, 1, 8, 512, torch.float32, "cpu", True, "fused"),
-        (768, 1, 8, 512, torch.float32, "cpu", False, "dense"),  # n = 1 is plain LoRA
-        (768, 4, 2, 512, torch.float32, "cpu", True, "fused"),
+        (768, 1, 1, 4096, torch.float32, "cpu", True, "fused"),  # n = 1: one block, nothing to choose
+        (768, 2, 1, 4096, torch.float32, "cpu", True, "fused_blocks"),
+        (768, 8, 1, 512, torch.float32, "cpu", True, "fused_blocks"),
+        (768, 16, 1, 4096, torch.float32, "cpu", True, "fused_dense"),  # r = 1 but n > 8
+        (768, 4, 2, 512, torch.float32, "cpu", True, "fused_dense"),
+        (768, 2, 8, 4096, torch.float32, "cpu", True, "fused_dense"),
+        (768, 4, 8, 4096, torch.float32, "cpu", True, "fused_dense"),  # n·r = 32
+        (768, 8, 8, 4096, torch.float32, "cpu", True, "fused"),  # n·r = 64 > 32
+        (768, 64, 1, 4096, torch.float32, "cpu", True, "fused"),
         (768, 64, 8, 16, torch.bfloat16, "cpu", True, "fused"),
+        # CPU without gradients: bmm, dense at n = 1
+        (768, 1, 8, 512, torch.float32, "cpu", False, "dense"),  # n = 1 is plain LoRA
         (768, 4, 2, 512, torch.float32, "cpu", False, "bmm"),
         (4096, 64, 1, 4096, torch.bfloat16, "cpu", False, "bmm"),
         # other devices: the roofline guess
@@ -129,7 +140,7 @@ def test_cost_rule_picks_the_documented_path(rule, d, n, r, tokens, dtype, devic
 
 
 def test_layer_asks_the_rule_with_its_call(rule):
-    layer = MELoRALinear(nn.Linear(64, 64), n=8, r=4)
+    layer = MELoRALinear(nn.Linear(64, 64), n=8, r=8)
     x = torch.randn(256, 64)
     assert layer.path_for(x) == "fused"
     with torch.no_grad():
@@ -143,10 +154,14 @@ def test_layer_asks_the_rule_with_its_call(rule):
 
 
 def test_fused_needs_a_plain_frozen_base(rule):
-    layer = MELoRALinear(nn.Linear(64, 64), n=8, r=4)
+    layer = MELoRALinear(nn.Linear(64, 64), n=8, r=8)
     x = torch.randn(256, 64)
     layer.base_layer.register_forward_hook(lambda module, args, out: None)
     assert layer.path_for(x) == "bmm"  # the rule's "fused" would skip the hook
+    for n, r, unfused in ((4, 2, "dense"), (4, 1, "bmm")):  # the rule's "fused_dense", "fused_blocks"
+        hooked = MELoRALinear(nn.Linear(64, 64), n=n, r=r)
+        hooked.base_layer.register_forward_hook(lambda module, args, out: None)
+        assert hooked.path_for(x) == unfused
     lora = MELoRALinear(nn.Linear(64, 64), n=1, r=4)
     lora.base_layer.register_forward_hook(lambda module, args, out: None)
     assert lora.path_for(x) == "dense"  # n = 1 falls back to plain LoRA
