@@ -66,3 +66,18 @@ def test_a_toy_run_writes_named_reports_for_the_shapes_asked(tmp_path, monkeypat
     assert chosen == {("1", "fwd"): "dense", ("4", "fwd"): "bmm", ("1", "fwdbwd"): "fused", ("4", "fwdbwd"): "fused_dense"}
     assert {r["variant"] for r in rows} >= {f"melora_{path}" for path in PATHS} | {"peft_lora_nr", "mini_loop"}
     assert "## Targets (full layer)" in (tmp_path / "toy.md").read_text()
+
+
+def test_min_reps_gives_every_timed_module_that_many_samples(tmp_path, monkeypatch):
+    """--min-reps overrides a budget too small for slow calls; block_diag, a reference, keeps its one sample."""
+    threads = torch.get_num_threads()
+    try:
+        assert bench.main(["--out", str(tmp_path), "--name", "toy", "--shapes", "32x64", "--n", "1,4", "--r", "2",
+                           "--budget", "0.000001", "--min-reps", "6", "--threads", "1"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    rows = list(csv.DictReader((tmp_path / "toy.csv").open()))
+    reps = {r["variant"]: int(r["reps"]) for r in rows}
+    assert reps["block_diag"] == 1
+    assert all(n >= 6 for variant, n in reps.items() if variant != "block_diag"), reps
+    assert "(≥ 6, base ≥ 6, block_diag ≥ 1," in (tmp_path / "toy.md").read_text()
