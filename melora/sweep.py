@@ -29,8 +29,10 @@ INSTRUCTEVAL on the adapters an instruct spec trained.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -213,6 +215,37 @@ def sweep_specs(sweeper, arguments: list[str]) -> list:
     return results
 
 
+def call_in_group(command: list[str], cwd: Path | str | None = None, grace_s: float = 30.0) -> int:
+    """``subprocess.call(command)`` in a process group of its own, stopped as a whole with this process.
+
+    Hydra's joblib launcher trains in loky worker processes that outlive their
+    parent when it is killed; a SIGTERM or SIGINT to this process is passed to
+    the child's whole group (workers included), and after ``grace_s`` seconds
+    the group is killed. Returns the child's exit status.
+    """
+    proc = subprocess.Popen(command, cwd=cwd, start_new_session=True)
+
+    def stop(signum, frame):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+        # The workers may outlive the group's leader by a moment: take the rest of the group down too.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        raise SystemExit(128 + signum)
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        return proc.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
@@ -243,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
                    *([f"hydra.launcher.n_jobs={args.jobs}"] if args.launcher == "local" else []),
                    *([f"hydra.sweeper.threads_per_job={args.threads}"] if args.threads else []), *args.overrides]  # fmt: skip
         print(" ".join(command), flush=True)
-        status = subprocess.call(command, cwd=ROOT) or status
+        status = call_in_group(command, cwd=ROOT) or status
         for run in runs:  # INSTRUCTEVAL of every trained adapter (a finished evaluation is skipped)
             cfg = compose_run(run, args.overrides)
             if run_completed(cfg.run_dir):
