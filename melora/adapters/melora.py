@@ -57,13 +57,13 @@ FUSED_FORMS = {"fused": "bmm", "fused_dense": "dense", "fused_blocks": "blocks"}
 # r in {1, 2, 8}, 512 and 4096 tokens). With gradients the three fused paths beat their unfused
 # forms in almost every config (they add the adapter's input gradient into the frozen layer's in
 # place instead of summing two tensors), and among them: at r = 1 and small n, "fused_blocks"
-# (n GEMV-shaped products on column slices: 0.88-0.94 x the faster of PEFT LoRA rank n and the
-# per-mini loop, fastest samples, 1 thread, T = 4096) beat "fused" (bmm with inner dimension 1:
-# 1.00-1.04 x there); for n·r up to 32 "fused_dense" (LoRA's two GEMMs at rank n·r, whose
+# (n GEMV-shaped products on column slices: 0.94-0.98 x the faster of PEFT LoRA rank n and the
+# per-mini loop, medians, 1 thread, T = 4096) beat "fused" (bmm with inner dimension 1:
+# 1.02-1.07 x there); for n·r up to 32 "fused_dense" (LoRA's two GEMMs at rank n·r, whose
 # efficiency on this CPU does not grow monotonically with the rank) was the fastest or within
-# noise of it, and "fused" missed PEFT LoRA rank n·r by up to 5.5 % (n = 2, r = 8, T = 4096); past
-# n·r = 32 the dense GEMMs do n times the multiply-adds and "fused" won (0.67-0.93 x at n·r = 64,
-# 128, 512). Without gradients "bmm" matched "dense" at small n·r and beat it as n·r grew.
+# noise of it, and "fused" missed PEFT LoRA rank n·r by up to 6 % (n = 2, r = 8, T = 4096); past
+# n·r = 32 the dense GEMMs do n times the multiply-adds (1.6-1.8 x at n·r = 512) and "fused" won
+# (0.47-0.96 x at n·r = 64, 128, 512, 1 and 2 threads). Without gradients "bmm" matched "dense" at small n·r and beat it as n·r grew.
 CPU_BLOCKS_MAX_N = 8  # r = 1, 2 ≤ n ≤ this, with gradients: "fused_blocks"
 CPU_DENSE_MAX_RANK = 32  # n ≥ 2, n·r ≤ this, with gradients: "fused_dense"
 CALIBRATED_DEVICES = ("cpu",)
