@@ -61,7 +61,8 @@ def package_versions() -> dict[str, str | None]:
 
 
 def git_commit() -> str | None:
-    root = Path(__file__).resolve().parents[2]
+    """HEAD of the checkout this package runs from (``-dirty`` with uncommitted changes); None outside git."""
+    root = Path(__file__).resolve().parent  # git finds the work tree from any folder inside it
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True, timeout=10)
