@@ -438,6 +438,20 @@ def _addmm_into(out: torch.Tensor, mat1: torch.Tensor, mat2: torch.Tensor) -> to
     return out.addmm_(mat1, mat2)
 
 
+def _addmm_column_blocks(out: torch.Tensor, mats1: list[torch.Tensor], mats2: list[torch.Tensor]) -> torch.Tensor:
+    """``out[:, block i] ← out[:, block i] + mats1[i] @ mats2[i]`` over ``len(mats1)`` equal column blocks.
+
+    In eager mode in place on column slices (no copies); under ``torch.compile`` out of place, as
+    :func:`_add_block_products`.
+    """
+    if torch.compiler.is_compiling():
+        return out + torch.cat([a @ b for a, b in zip(mats1, mats2)], dim=1)
+    width = out.shape[1] // len(mats1)
+    for i, (a, b) in enumerate(zip(mats1, mats2)):
+        out[:, i * width : (i + 1) * width].addmm_(a, b)
+    return out
+
+
 class _FusedMELoRA(torch.autograd.Function):
     """``h = base(x) + s · concat_i(B_i A_i x'_i)`` in one Function, with a copy-free backward.
 
@@ -483,13 +497,8 @@ class _FusedMELoRA(torch.autograd.Function):
             result = _addmm_into(result, hidden, _block_diagonal(B).T)
             hiddens = (hidden,)
         elif form == "blocks":
-            m = B.shape[1]
             hiddens = tuple(((xa[:, i * k : (i + 1) * k] @ A[i].T) * scaling).to(result.dtype) for i in range(n))  # n × (T, r)
-            if torch.compiler.is_compiling():
-                result = result + torch.cat([h @ B[i].T for i, h in enumerate(hiddens)], dim=1)
-            else:
-                for i, h in enumerate(hiddens):
-                    result[:, i * m : (i + 1) * m].addmm_(h, B[i].T)
+            result = _addmm_column_blocks(result, hiddens, [B[i].T for i in range(n)])
         else:
             hidden = torch.bmm(xa.reshape(-1, n, k).transpose(0, 1), A.transpose(1, 2)) * scaling  # (n, T, r)
             hidden = hidden.to(result.dtype)
@@ -564,11 +573,7 @@ def _blocks_backward(g, xa, A, B, hiddens, scaling, need_A, need_B):
     grad_B = torch.stack([g_i.T @ h for g_i, h in zip(g_blocks, hiddens)]) if need_B else None
 
     def add_input_grad(out):
-        if torch.compiler.is_compiling():
-            return out + torch.cat([gh.to(out.dtype) @ A[i].to(out.dtype) for i, gh in enumerate(grad_hidden)], dim=1)
-        for i, gh in enumerate(grad_hidden):
-            out[:, i * k : (i + 1) * k].addmm_(gh.to(out.dtype), A[i].to(out.dtype))
-        return out
+        return _addmm_column_blocks(out, [gh.to(out.dtype) for gh in grad_hidden], [A[i].to(out.dtype) for i in range(n)])
 
     return grad_A, grad_B, add_input_grad
 
