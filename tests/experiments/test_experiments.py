@@ -185,3 +185,19 @@ def test_several_specs_share_their_common_runs():
     assert len(both) == 43  # every demo run but RTE's three is a Table 2 run
     assert len({frozenset(r.overrides) for r in both}) == len(both)
     assert both[:15] == runs("demo", "mini")  # first-seen order
+
+
+def test_scaling_study_gives_each_convention_its_own_folder(tmp_path):
+    """scaling_grid: per_mini runs share Table 2's folders (their records are reused); equivalent ones never collide."""
+    dirs = {}
+    for run in runs("scaling_grid", "mini"):
+        cfg = compose_run(run, [f"runs_root={tmp_path}"])
+        dirs.setdefault(cfg.run_dir, set()).add(cfg.method.scaling)
+    assert len(dirs) == 2 * 3 * 2 * 3  # tasks × n × conventions × lrs, one folder each
+    assert all(len(conventions) == 1 for conventions in dirs.values())
+    by_tag = {Path(d).parent.name: next(iter(conventions)) for d, conventions in dirs.items()}
+    assert by_tag == {**{f"melora_n{n}_r1": "per_mini" for n in (2, 8, 16)},
+                      **{f"melora_n{n}_r1_equivalent": "equivalent" for n in (2, 8, 16)}}
+    table2 = compose_run(next(r for r in runs("lr_grid", "mini") if "method.n=8" in r.overrides and "task.lr=1e-3" in r.overrides),
+                         [f"runs_root={tmp_path}"])
+    assert table2.run_dir in dirs  # MELoRA r=1 n=8 at the default scaling: the very run Table 2's lr grid has
