@@ -117,6 +117,16 @@ figures-heldout: $(VENV)/.installed ## Figures 4-5, held-out protocol: lr grid, 
 	$(SWEEP) figures45_heldout --profile $(PROFILE) runs_root=$(RUNS)
 	$(RESULTS) --only heldout
 
+.PHONY: scaling-study
+# Its own runs folder: its n=16 and equivalent-scaling runs must not join the choice of n in the
+# held-out Table 2. Copy the held-out per_mini records of n=2 and 8 there first to reuse them.
+SCALING_RUNS ?= $(RUNS)-scaling
+scaling-study: $(VENV)/.installed ## Why MELoRA falls with n: r=1, n=2/8/16, scaling per_mini vs equivalent, lr grid then 3 seeds -> results/tables/scaling*.*
+	$(SWEEP) scaling_grid --profile $(PROFILE) runs_root=$(SCALING_RUNS)
+	$(SWEEP) scaling --profile $(PROFILE) runs_root=$(SCALING_RUNS)
+	$(PY) scripts/make_results.py --runs $(SCALING_RUNS)/$(PROFILE) --out $(RESULTS_DIR) --only scaling
+	$(PY) -c "from melora.report.export import export_runs; export_runs('$(SCALING_RUNS)/$(PROFILE)', '$(RESULTS_DIR)/runs/$(PROFILE)-scaling')"
+
 .PHONY: results
 results: $(TABLES) $(FIGURES) ## Every table and figure at PROFILE, and the records without weights (results/runs/)
 	$(RESULTS) --only runs

@@ -11,9 +11,10 @@ from melora.report.records import load_records, selection_of
 from melora.report.render import to_markdown, write_table
 
 ARTIFACTS = ("table2", "table3", "table4", "table5", "figure3", "figure4", "figure5")
-# Written only when asked for (``make demo``; ``make results``: the records), except
-# heldout (the held-out protocol's Table 2 and verdicts), which every full build writes.
-EXTRAS = ("demo", "runs", "heldout")
+# Written only when asked for (``make demo``; ``make results``: the records; ``make scaling-study``:
+# the scaling study, from its own runs folder), except heldout (the held-out protocol's
+# Tables 2 and 4, verdicts, Figures 4-5), which every full build writes.
+EXTRAS = ("demo", "runs", "heldout", "scaling")
 
 
 def make_results(runs: str | Path, out: str | Path, only: list[str] | None = None, model: str | None = None,
@@ -45,8 +46,12 @@ def make_results(runs: str | Path, out: str | Path, only: list[str] | None = Non
     written: dict[str, list[Path]] = {}
     if only is None or "heldout" in only:
         written.update(_heldout_table(all_records, Path(out) / "tables", model, log))
+    if only is not None and "scaling" in only:
+        from melora.report.protocol import SCALING_LAYOUTS
+
+        written.update(_heldout_table(all_records, Path(out) / "tables", model, log, SCALING_LAYOUTS))
     for name in only or ARTIFACTS:
-        if name == "heldout":
+        if name in ("heldout", "scaling"):
             continue
         if name == "runs":  # the records without weights, e.g. results/runs/mini
             from melora.report.export import export_runs
@@ -73,15 +78,21 @@ def make_results(runs: str | Path, out: str | Path, only: list[str] | None = Non
     return written
 
 
-def _heldout_table(records: list[dict], folder: Path, model: str | None, log: Callable[[str], None]) -> dict[str, list[Path]]:
+def _heldout_table(records: list[dict], folder: Path, model: str | None, log: Callable[[str], None],
+                   layouts: tuple | None = None) -> dict[str, list[Path]]:
     """``table2_heldout`` and ``table4_heldout`` (``.md``, ``.csv``), their forest plots, and Figures 4–5 under
-    held-out selection (``figure4_heldout``, ``figure5_heldout``), for the held-out runs there are."""
+    held-out selection (``figure4_heldout``, ``figure5_heldout``), for the held-out runs there are.
+
+    ``layouts=protocol.SCALING_LAYOUTS``: the scaling study's ``scaling`` and ``scaling_by_n`` tables,
+    their forest plots and ``figures/scaling.{png,pdf}`` instead.
+    """
     from melora.files import atomic_write_text
     from melora.report import protocol
 
     records = [r for r in records if selection_of(r) == "heldout" and (model is None or r.get("model") == model)]
     written: dict[str, list[Path]] = {}
-    for layout in protocol.LAYOUTS:
+    scaling = layouts is not None and layouts == protocol.SCALING_LAYOUTS
+    for layout in layouts or protocol.LAYOUTS:
         table = protocol.build(records, layout=layout)
         if not table.rows:
             continue
@@ -99,6 +110,11 @@ def _heldout_table(records: list[dict], folder: Path, model: str | None, log: Ca
             name = "verdicts" if layout is protocol.TABLE2 else f"verdicts_{layout.name.removesuffix('_heldout')}"
             written[name] = save_figure(fig, folder.parent / "figures", name)
             log(f"{name}: " + ", ".join(map(str, written[name])))
+        if layout is protocol.SCALING and (fig := protocol.scaling_figure(table)) is not None:
+            written["scaling_figure"] = save_figure(fig, folder.parent / "figures", "scaling")
+            log("scaling: " + ", ".join(map(str, written["scaling_figure"])))
+    if scaling:
+        return written
     for name in ("figure4", "figure5"):  # each point at the lr its validation metric chose
         fig = FIGURES[name](records, model=model, heldout=True)
         if fig is not None:

@@ -40,20 +40,33 @@ class Layout:
 
     Attributes:
         name: File stem (``table2_heldout``) and figure suffix.
-        rows: Row names (:func:`row_of`) in display order; other rows are left out.
+        rows: Row names (``row``) in display order; other rows are left out.
         references: Row → the row its paired difference is taken against.
         keep: Method config → whether the run belongs to this table (e.g. Table 4's MELoRA is ``n = 2`` only).
+        row: Method config → its row (default :func:`row_of`: Table 2's rows).
+        setting: Method config → what a row chooses among (default :func:`setting_of`: MELoRA's n).
+        versus: What the paired differences are against, in words (default: the single reference row).
+        remark: A sentence the table's note ends with.
     """
 
     name: str
     rows: tuple[str, ...]
     references: dict[str, str]
     keep: Callable[[dict], bool] = lambda method_config: True
+    row: Callable[[dict], str] = lambda method_config: row_of(method_config)
+    setting: Callable[[dict], str] = lambda method_config: setting_of(method_config)
+    versus: str = ""
+    remark: str = ""
+    chooses_n: bool = True  # MELoRA rows choose their n (Table 2); False: every row is one setting
 
     @property
     def single_reference(self) -> str | None:
         refs = set(self.references.values())
         return refs.pop() if len(refs) == 1 else None
+
+    @property
+    def against(self) -> str:
+        return self.versus or self.single_reference or "LoRA at the same equivalent rank"
 
 
 TABLE2 = Layout("table2_heldout", ROW_ORDER, {row: REFERENCE for row in ROW_ORDER[1:]})
@@ -63,8 +76,47 @@ TABLE4 = Layout(
     ("LoRA r=4", "MELoRA r=2", "LoRA r=8", "MELoRA r=4", "LoRA r=16", "MELoRA r=8"),
     {"MELoRA r=2": "LoRA r=4", "MELoRA r=4": "LoRA r=8", "MELoRA r=8": "LoRA r=16"},
     keep=lambda mc: mc.get("method") == "lora" or (mc.get("method") == "melora" and mc.get("n") == 2),
+    remark="Table 4: MELoRA has n = 2 (half LoRA's parameters at the same equivalent rank); n is not chosen.",
 )
 LAYOUTS = (TABLE2, TABLE4)
+
+# The scaling study (experiments/scaling*.yaml): MELoRA r=1 at n in SCALING_N under the two scaling
+# conventions, each (n, convention) its own row at its own validation-chosen lr; nothing else is chosen.
+SCALING_N = (2, 8, 16)
+
+
+def _scaling_row(n: int, scaling: str) -> str:
+    return f"MELoRA n={n} r=1" + ("" if scaling == "per_mini" else f" ({scaling})")
+
+
+def _is_scaling_run(mc: dict) -> bool:
+    return (mc.get("method") == "melora" and mc.get("r") == 1 and mc.get("n") in SCALING_N
+            and mc.get("scaling") in ("per_mini", "equivalent"))
+
+
+_SCALING_COMMON = dict(
+    rows=tuple(_scaling_row(n, s) for n in SCALING_N for s in ("per_mini", "equivalent")),
+    keep=_is_scaling_run,
+    row=lambda mc: _scaling_row(mc["n"], mc["scaling"]),
+    setting=lambda mc: "-",
+    chooses_n=False,
+)
+# Is it the convention? equivalent (s = alpha/(n r)) against per_mini (s = alpha/r) at the same n.
+SCALING = Layout(
+    "scaling", references={_scaling_row(n, "equivalent"): _scaling_row(n, "per_mini") for n in SCALING_N},
+    versus="the per_mini row at the same n", **_SCALING_COMMON,
+    remark="Scaling study: MELoRA r=1, s = alpha/r (per_mini, the official code's) or alpha/(n r) (equivalent); "
+           "each (n, convention) row has its own lr, chosen on validation; Δ: equivalent − per_mini at the same n.",
+)
+# Does the fall with n persist within a convention? n = 8 and 16 against n = 2, same convention.
+SCALING_BY_N = Layout(
+    "scaling_by_n",
+    references={_scaling_row(n, s): _scaling_row(SCALING_N[0], s) for n in SCALING_N[1:] for s in ("per_mini", "equivalent")},
+    versus=f"n={SCALING_N[0]} of the same convention", **_SCALING_COMMON,
+    remark=f"Scaling study: Δ is the row minus n={SCALING_N[0]} of the same scaling convention (the fall with n), "
+           "each at its own validation-chosen lr.",
+)
+SCALING_LAYOUTS = (SCALING, SCALING_BY_N)
 
 
 def row_of(method_config: dict) -> str:
@@ -102,8 +154,12 @@ def _scaled(value: float) -> float:
     return 100.0 * value
 
 
-def collect(records: list[dict]) -> tuple[dict, list[str]]:
-    """``{(task, row, setting, lr): (validation Cell, dev Cell)}`` of completed held-out GLUE runs, and failed runs."""
+def collect(records: list[dict], row: Callable[[dict], str] = row_of,
+            setting: Callable[[dict], str] = setting_of) -> tuple[dict, list[str]]:
+    """``{(task, row, setting, lr): (validation Cell, dev Cell)}`` of completed held-out GLUE runs, and failed runs.
+
+    ``row``, ``setting``: method config → its row and setting (default: Table 2's).
+    """
     cells: dict[tuple, tuple[Cell, Cell]] = defaultdict(lambda: (Cell(), Cell()))
     failed = []
     for r in records:
@@ -115,7 +171,7 @@ def collect(records: list[dict]) -> tuple[dict, list[str]]:
             continue
         mc = r["method_config"]
         lr = float(r["config"]["task"]["lr"])
-        validation, dev = cells[(r["task"], row_of(mc), setting_of(mc), lr)]
+        validation, dev = cells[(r["task"], row(mc), setting(mc), lr)]
         validation.values.append(_scaled(r["best_metric"]))
         validation.seeds.append(r["seed"])
         dev.values.append(_scaled(r["best_metrics"][r["metric"]]))
@@ -162,7 +218,7 @@ def choose(cells: dict, task: str, row: str) -> Choice | None:
 def build(records: list[dict], tasks: list[str] | None = None, layout: Layout = TABLE2) -> HeldoutTable:
     """The held-out table ``layout`` from run records (other rows' runs are ignored)."""
     records = [r for r in records if "method_config" not in r or layout.keep(r["method_config"])]
-    cells, failed = collect(records)
+    cells, failed = collect(records, layout.row, layout.setting)
     cells = {k: v for k, v in cells.items() if k[1] in layout.rows}
     present = {t for (t, *_rest) in cells}
     tasks = tasks or sorted(present, key=lambda t: GLUE_ORDER.index(t) if t in GLUE_ORDER else 99)
@@ -190,6 +246,8 @@ def to_rows(table: HeldoutTable) -> tuple[list[str], list[list[str]]]:
     layout, single = table.layout, table.layout.single_reference
     header = ["method", "task", "chosen", "lr", "lrs tried", "seeds", "validation", "dev mean ± std", "dev 95% CI",
               f"Δ vs {single} (paired)" if single else "Δ vs reference (paired)", "Δ 95% CI", "verdict"]
+    if not layout.chooses_n:
+        header.remove("chosen")  # nothing is chosen but the lr
     if not single:
         header.insert(-3, "reference")
     body = []
@@ -209,6 +267,8 @@ def to_rows(table: HeldoutTable) -> tuple[list[str], list[list[str]]]:
             ]
             if not single:
                 line.insert(-3, layout.references.get(row, "—"))
+            if "chosen" not in header:
+                del line[2]
             body.append(line)
     return header, body
 
@@ -236,11 +296,12 @@ def to_csv(table: HeldoutTable) -> str:
 
 def note(layout: Layout) -> str:
     """The paragraph above a held-out table: how every number in it was chosen."""
-    against = layout.single_reference or "LoRA at the same equivalent rank (the 'reference' column)"
+    against = layout.against + ("" if layout.single_reference or layout.versus else " (the 'reference' column)")
     text = NOTE.replace("against LoRA r=8 at its own chosen lr", f"against {against} at its own chosen lr")
-    if layout is TABLE4:
-        text += " Table 4: MELoRA has n = 2 (half LoRA's parameters at the same equivalent rank); n is not chosen."
-    return text
+    if not layout.chooses_n:
+        text = text.replace("the lr of each setting, then MELoRA's n, are chosen", "the lr of each row is chosen")
+        text = text.replace("; MELoRA rows also choose n, which 'chosen' names", "; nothing else is chosen")
+    return text + (f" {layout.remark}" if layout.remark else "")
 
 
 NOTE = (
@@ -284,8 +345,51 @@ def forest_plot(table: HeldoutTable):
 
     ax.set_yticks(range(len(lines)), [label(row, task, d) for row, task, d in reversed(lines)])
     ax.axvline(0, color="black", lw=0.8)
-    versus = single or "LoRA at the same equivalent rank"
+    versus = table.layout.against
     ax.set_xlabel(f"dev metric ×100: paired difference to {versus}, 95 % t CI over seeds", fontsize=9)
     ax.set_title("held-out selection; green: better, red: worse, grey: no detectable difference", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def scaling_figure(table: HeldoutTable):
+    """The scaling study at a glance: dev metric against n per convention, one panel per task.
+
+    Each point is a (n, convention) row at its validation-chosen lr (written beside it): the
+    mean over seeds with its 95 % t interval (no bar: one seed). ``None`` when the table is empty.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not table.rows:
+        return None
+    fig, axes = plt.subplots(1, len(table.tasks), figsize=(4.2 * len(table.tasks), 3.4), squeeze=False)
+    for ax, task in zip(axes[0], table.tasks):
+        for offset, (scaling, colour) in zip((-0.04, 0.04), (("per_mini", "tab:blue"), ("equivalent", "tab:orange"))):
+            points = [(n, table.rows[row][task]) for n in SCALING_N
+                      if task in table.rows.get(row := _scaling_row(n, scaling), {})]
+            if not points:
+                continue
+            xs = [n * 2 ** offset for n, _ in points]  # side by side on the log axis
+            means = [c.dev.mean for _, c in points]
+            err = [[c.dev.mean - c.dev.ci95[0] if c.dev.ci95 else 0 for _, c in points],
+                   [c.dev.ci95[1] - c.dev.mean if c.dev.ci95 else 0 for _, c in points]]
+            label = "s = α/r (per_mini)" if scaling == "per_mini" else "s = α/(n·r) (equivalent)"
+            ax.errorbar(xs, means, yerr=err, marker="o", capsize=3, color=colour, label=label)
+            for x, (_, c) in zip(xs, points):
+                ax.annotate(f"{c.lr:g}", (x, c.dev.mean), textcoords="offset points", xytext=(4, 4), fontsize=7, color=colour)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(list(SCALING_N), [str(n) for n in SCALING_N])
+        ax.minorticks_off()
+        ax.set_title(GLUE_LABELS.get(task, task))
+        ax.set_xlabel("n (mini LoRAs of rank r = 1)")
+        ax.set_ylabel("dev metric ×100")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+    seeds = sorted({s for by_task in table.rows.values() for c in by_task.values() for s in c.dev.seeds})
+    fig.suptitle("Scaling study: MELoRA r=1, held-out selection, each point at its own chosen lr (labels); "
+                 f"95 % t CI over seeds {', '.join(map(str, seeds))}", fontsize=9)
     fig.tight_layout()
     return fig

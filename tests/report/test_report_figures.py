@@ -170,3 +170,21 @@ def test_heldout_figures_plot_dev_at_the_lr_validation_chose():
     assert "held-out selection" in fig._suptitle.get_text()
     assert figure5(records, heldout=True) is not None
     assert figure4([r for r in records if r["method_config"]["r"] == 8], heldout=True) is None  # no run on its lines
+
+
+def test_make_results_scaling_writes_only_the_scaling_study(tmp_path):
+    """--only scaling: the study's two tables, forest plots and figure; no held-out Table 2 from its per_mini runs."""
+    for n in (2, 8, 16):
+        for scaling in ("per_mini", "equivalent"):
+            for seed in (0, 1, 2):
+                value = 0.8 - n / 200 + seed / 100
+                fake_record(tmp_path / "runs" / scaling, "stsb", f"melora_n{n}_r1", seed, value,
+                            selection={"split": "heldout"}, config={"task": {"lr": 1e-3}},
+                            best_metrics={"pearson": value - 0.05}, metric="pearson",
+                            method_config={"method": "melora", "n": n, "r": 1, "alpha": 16, "scaling": scaling})
+    written = make_results(tmp_path / "runs", tmp_path / "out", only=["scaling"], log=lambda message: None)
+    assert sorted(written) == ["scaling", "scaling_by_n", "scaling_figure", "verdicts_scaling", "verdicts_scaling_by_n"]
+    assert not (tmp_path / "out" / "tables" / "table2_heldout.md").exists()
+    assert (tmp_path / "out" / "figures" / "scaling.png").is_file()
+    lines = (tmp_path / "out" / "tables" / "scaling_by_n.csv").read_text().splitlines()
+    assert lines[-1].startswith("MELoRA n=16 r=1 (equivalent),STS-B,0.001,1,3,")

@@ -93,3 +93,48 @@ def test_table4_pairs_each_melora_row_with_lora_at_its_equivalent_rank():
     assert to_csv(table).splitlines()[2].startswith("MELoRA r=2,STS-B,n=2,0.001,1,3")
     assert ",LoRA r=4," in to_csv(table).splitlines()[2]
     assert set(build(records).rows) == {"LoRA r=8", "MELoRA r=8", "MELoRA r=1"}  # Table 2 keeps its own rows
+
+
+def test_scaling_study_pairs_conventions_at_each_n_and_each_n_with_n2(tmp_path):
+    """Each (n, convention) is its own row with its own validation-chosen lr; Δ against scipy's paired t interval."""
+    from melora.report.figures import save_figure
+    from melora.report.protocol import SCALING, SCALING_BY_N, note, scaling_figure
+
+    def scaled(task, lr, seed, val, dev, n, scaling):
+        out = record(task, "melora", lr, seed, val, dev, n=n, r=1)
+        out["method_config"]["scaling"] = scaling
+        return out
+
+    records, dev = [], {}
+    for n in (2, 8, 16):
+        for scaling, base in (("per_mini", 0.80 - n / 100), ("equivalent", 0.78)):
+            for seed in range(3):
+                dev[(n, scaling, seed)] = base + seed / 100 + (seed * n % 3) / 200
+                # validation prefers 1e-3 for per_mini and 3e-3 for equivalent; the dev of the losing lr is a trap
+                good, bad = (1e-3, 3e-3) if scaling == "per_mini" else (3e-3, 1e-3)
+                records += [scaled("stsb", good, seed, 0.85, dev[(n, scaling, seed)], n, scaling),
+                            scaled("stsb", bad, seed, 0.60, 0.99, n, scaling)]
+    records.append(scaled("stsb", 1e-3, 0, 0.99, 0.99, n=4, scaling="per_mini"))
+    records.append(record("stsb", "lora", 1e-3, 0, 0.99, 0.99))  # neither is in the study
+
+    table = build(records, layout=SCALING)
+    assert list(table.rows) == ["MELoRA n=2 r=1", "MELoRA n=2 r=1 (equivalent)", "MELoRA n=8 r=1",
+                                "MELoRA n=8 r=1 (equivalent)", "MELoRA n=16 r=1", "MELoRA n=16 r=1 (equivalent)"]
+    assert table.rows["MELoRA n=8 r=1"]["stsb"].lr == 1e-3 and table.rows["MELoRA n=8 r=1 (equivalent)"]["stsb"].lr == 3e-3
+    for n in (2, 8, 16):
+        d = table.rows[f"MELoRA n={n} r=1 (equivalent)"]["stsb"].versus_reference
+        ref = stats.ttest_rel([100 * dev[(n, "equivalent", s)] for s in range(3)], [100 * dev[(n, "per_mini", s)] for s in range(3)])
+        assert d.ci == pytest.approx(tuple(ref.confidence_interval(0.95)))
+
+    by_n = build(records, layout=SCALING_BY_N)
+    d = by_n.rows["MELoRA n=16 r=1"]["stsb"].versus_reference
+    ref = stats.ttest_rel([100 * dev[(16, "per_mini", s)] for s in range(3)], [100 * dev[(2, "per_mini", s)] for s in range(3)])
+    assert d.ci == pytest.approx(tuple(ref.confidence_interval(0.95))) and d.verdict == "worse"
+    assert by_n.rows["MELoRA n=2 r=1 (equivalent)"]["stsb"].versus_reference is None
+
+    header = to_csv(table).splitlines()[0].split(",")
+    assert "chosen" not in header and header[:3] == ["method", "task", "lr"]
+    assert "choose n" not in note(SCALING) and "equivalent − per_mini" in note(SCALING)
+    fig = scaling_figure(table)
+    assert len(fig.axes) == 1 and len(fig.axes[0].get_lines()) >= 2
+    assert all(p.is_file() for p in save_figure(fig, tmp_path, "scaling"))
