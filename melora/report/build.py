@@ -99,10 +99,12 @@ def _heldout_table(records: list[dict], folder: Path, model: str | None, log: Ca
         kept = [r for r in records if layout.keep(r.get("method_config", {}))]
         models = sorted({str(r.get("model")) for r in kept})
         hardware = sorted({str((r.get("device") or {}).get("cpu") or (r.get("device") or {}).get("cuda")) for r in kept})
-        note = protocol.note(layout) + f" Model: {', '.join(models)}; hardware: {', '.join(hardware)}"
-        paths = [folder / f"{layout.name}.md", folder / f"{layout.name}.csv"]
+        note = (protocol.note(layout) + f" Model: {', '.join(models)}; hardware: {', '.join(hardware)}. "
+                + protocol.data_note([r for r in kept if protocol.collect([r], layout.row, layout.setting)[0]]))
+        paths = [folder / f"{layout.name}.{ext}" for ext in ("md", "csv", "tex")]
         atomic_write_text(paths[0], protocol.to_markdown(table, note))
         atomic_write_text(paths[1], protocol.to_csv(table))
+        atomic_write_text(paths[2], protocol.to_latex(table, note))
         log(f"{layout.name}: " + ", ".join(map(str, paths)))
         written[layout.name] = paths
         fig = protocol.forest_plot(table)

@@ -105,7 +105,7 @@ def to_csv(table: Table) -> str:
 
 _LATEX = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{", "}": r"\}",
           "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "±": r"$\pm$", "×": r"$\times$", "·": r"$\cdot$",
-          "—": "--", "–": "--", "→": r"$\to$"}
+          "—": "--", "–": "--", "→": r"$\to$", "≥": r"$\geq$", "≤": r"$\leq$", "Δ": r"$\Delta$", "−": "$-$", "α": r"$\alpha$"}
 
 
 def latex_escape(text: str) -> str:

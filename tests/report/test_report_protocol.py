@@ -138,3 +138,16 @@ def test_scaling_study_pairs_conventions_at_each_n_and_each_n_with_n2(tmp_path):
     fig = scaling_figure(table)
     assert len(fig.axes) == 1 and len(fig.axes[0].get_lines()) >= 2
     assert all(p.is_file() for p in save_figure(fig, tmp_path, "scaling"))
+
+
+def test_heldout_tables_state_their_data_and_render_to_latex():
+    from melora.report.protocol import data_note, to_latex
+
+    records = [record("mrpc", "lora", 1e-3, s, 0.7, 0.7 + s / 100) | {"train_size": 2160, "eval_sizes": {"heldout": 240, "validation": 408},
+                                                                      "config": {"task": {"lr": 1e-3, "epochs": 2}}} for s in (0, 1)]
+    records.append(record("mrpc", "lora", 3e-3, 0, 0.9, 0.9, status="failed"))
+    assert data_note(records) == "Data (examples): MRPC train 2160, held-out 240, dev 408, 2 epochs. Seeds: 0, 1."
+    tex = to_latex(build(records), "Δ over ≥ 2 seeds, 10 %")
+    assert r"\toprule" in tex and r"\label{tab:table2-heldout}" in tex
+    assert r"$\Delta$ over $\geq$ 2 seeds, 10 \%" in tex and r"Failed runs: lora1-0.003-0" in tex
+    assert "LoRA r=8 & MRPC & - & 0.001 & 1 & 2 &" in tex
