@@ -246,6 +246,41 @@ def call_in_group(command: list[str], cwd: Path | str | None = None, grace_s: fl
             signal.signal(sig, handler)
 
 
+def spec_cost(name: str, profile: str, extra: list[str] | None = None) -> dict:
+    """What one spec has cost so far: its runs, how many are complete, their summed and median run time.
+
+    Read from the records under the runs folder ``extra`` points at (``runs_root=…``). A
+    ``lr_from`` spec counts only the runs whose lr its grid has chosen (``waiting``: the others).
+    Returns ``{"spec", "runs", "complete", "waiting", "summed_min", "median_min"}``.
+    """
+    import io
+    import statistics
+
+    from melora.runs import read_record
+
+    spec = load_spec(name)
+    every = expand(spec, profile)
+    with contextlib.redirect_stdout(io.StringIO()):  # with_chosen_lr prints what waits for its grid
+        runs = expand_specs([name], profile, extra)
+    minutes = []
+    for run in runs:
+        record = read_record(compose_run(run, extra).run_dir)
+        if record is not None and record.get("status") == "completed" and record.get("wall_time_s") is not None:
+            minutes.append(record["wall_time_s"] / 60)
+    return {"spec": name, "runs": len(every), "complete": len(minutes), "waiting": len(every) - len(runs),
+            "summed_min": sum(minutes), "median_min": statistics.median(minutes) if minutes else None}
+
+
+def cost_table(names: list[str], profile: str, extra: list[str] | None = None) -> str:
+    """A Markdown table of :func:`spec_cost` for each spec (runs shared between specs count in each)."""
+    lines = ["| spec | runs | complete | waiting for their lr grid | summed run time | median per run |", "|---|--:|--:|--:|--:|--:|"]
+    for name in names:
+        c = spec_cost(name, profile, extra)
+        median = f"{c['median_min']:.1f} min" if c["median_min"] is not None else "—"
+        lines.append(f"| {name} | {c['runs']} | {c['complete']} | {c['waiting']} | {c['summed_min'] / 60:.1f} h | {median} |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
@@ -253,6 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("spec", help="experiments/<spec>.yaml name or a path; several: comma-separated (table2,table4)")
     parser.add_argument("--profile", default="mini", help="paper | mini | smoke")
     parser.add_argument("--list", action="store_true", help="print the runs and exit")
+    parser.add_argument("--cost", action="store_true", help="print each spec's complete runs and their summed run time, and exit")
     parser.add_argument("--jobs", type=int, default=1, help="local worker processes (each gets cores/jobs threads)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads per local job (default: cores / jobs)")
     parser.add_argument("--launcher", default="local", help="hydra/launcher: local (joblib, --jobs processes) | slurm | any other")
@@ -262,6 +298,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.list:
         for run in expand_specs(names, args.profile, args.overrides):
             print(run)
+        return 0
+    if args.cost:
+        print(cost_table(names, args.profile, args.overrides), end="")
         return 0
     by_entry: dict[str, list[str]] = {}
     for name in names:

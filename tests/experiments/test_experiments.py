@@ -201,3 +201,18 @@ def test_scaling_study_gives_each_convention_its_own_folder(tmp_path):
     table2 = compose_run(next(r for r in runs("lr_grid", "mini") if "method.n=8" in r.overrides and "task.lr=1e-3" in r.overrides),
                          [f"runs_root={tmp_path}"])
     assert table2.run_dir in dirs  # MELoRA r=1 n=8 at the default scaling: the very run Table 2's lr grid has
+
+
+def test_spec_cost_sums_the_complete_runs_of_a_spec(tmp_path):
+    import json
+
+    from melora.sweep import cost_table, spec_cost
+
+    every = runs("table4", "smoke")
+    for run, minutes, status in zip(every, (2.0, 4.0, 3.0), ("completed", "completed", "failed")):
+        folder = Path(compose_run(run, [f"runs_root={tmp_path}"]).run_dir)
+        folder.mkdir(parents=True)
+        (folder / "record.json").write_text(json.dumps({"status": status, "wall_time_s": 60 * minutes}))
+    cost = spec_cost("table4", "smoke", [f"runs_root={tmp_path}"])
+    assert cost == {"spec": "table4", "runs": len(every), "complete": 2, "waiting": 0, "summed_min": 6.0, "median_min": 3.0}
+    assert f"| table4 | {len(every)} | 2 | 0 | 0.1 h | 3.0 min |" in cost_table(["table4"], "smoke", [f"runs_root={tmp_path}"])
