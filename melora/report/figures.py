@@ -19,12 +19,13 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import FixedLocator, NullLocator
 
-from melora.report.paper import GLUE_LABELS, METRIC_NAMES, spec_tasks
+from melora.report.paper import GLUE_LABELS, METRIC_NAMES, spec_seeds, spec_tasks
 from melora.report.records import completed, label_of, lora_family, scope, selection_of
 from melora.report.spectra import BaseModelFactory, has_spectra, mean_counts, run_spectra
 from melora.report.stats import Cell
 
 FIGURE3_BASELINE = "LoRA r=8"
+HELDOUT_SPEC = "figures45_heldout"  # the spec of Figures 4-5 under the held-out protocol: its tasks and seeds
 # Same equivalent rank as LoRA r=8 with n× fewer parameters, then LoRA r=8's parameters with n× the rank.
 FIGURE3_SETTINGS = ("MELoRA n=2 r=4", "MELoRA n=4 r=2", "MELoRA n=8 r=1", "MELoRA n=2 r=8", "MELoRA n=4 r=8", "MELoRA n=8 r=8")
 
@@ -121,9 +122,13 @@ def _sweep_figure(name: str, what: str, x: str, fixed: tuple[int, int], records:
     records, model, profile = scope(records, "glue", model, profile)
     if heldout:
         records = [r for r in records if selection_of(r) == "heldout"]
-        what += " (held-out selection: epoch and lr chosen on validation, dev shown)"
+        what += " (held-out: epoch, lr chosen on validation; dev ± sample std)"
         # a held-out figure only where its lines have runs (the Table 2/4 runs alone may give none)
         records = [r for r in records if (f := lora_family(r)) is not None and (f[1] if x == "n" else f[0]) in fixed]
+        # the held-out spec's tasks and seeds: every point over the same seeds, though Tables 2 and 4 ran some at five
+        tasks = tasks or spec_tasks(HELDOUT_SPEC, profile)
+        seeds = spec_seeds(HELDOUT_SPEC, profile)
+        records = [r for r in records if seeds is None or r.get("seed") in seeds]
     if not records:
         return None
     return plot_sweep(records, _figure_tasks(name, records, profile, tasks), x, fixed, _title(what, records, model, profile), heldout)

@@ -62,6 +62,16 @@ def spec_tasks(spec_name: str, profile: str) -> list[str] | None:
     return list(dict.fromkeys(t.split("/")[-1] for t in tasks))
 
 
+def spec_seeds(spec_name: str, profile: str) -> list[int] | None:
+    """The seeds ``experiments/<spec_name>.yaml`` runs at ``profile`` (``None``: no such spec/profile)."""
+    from melora.specs import load_spec
+
+    try:
+        return list(load_spec(spec_name)["profiles"][profile]["seeds"])
+    except (FileNotFoundError, KeyError):
+        return None
+
+
 def glue_column(task: str) -> Column:
     def size(record: dict) -> str | None:
         dev = sum((record.get("eval_sizes") or {}).values())

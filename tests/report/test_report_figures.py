@@ -163,11 +163,12 @@ def test_heldout_figures_plot_dev_at_the_lr_validation_chose():
             records.append(run("melora", 4, r, 3e-3, seed, 0.85, 0.60 + r / 100))
             records.append(run("melora", 4, r, 1e-3, seed, 0.84, 0.99))
         records.append(dict(run("melora", 4, 2, 1e-3, seed, 0.99, 0.11), selection={"split": "dev"}))  # not held-out: left out
+    records += [run("lora", 1, r, 1e-3, 3, 0.80, 0.10) for r in (2, 4)]  # a Table 4 seed beyond the figure spec's 0-2: left out
     fig = figure4(records, heldout=True)
-    assert [ax.get_title().split(" ")[0] for ax in fig.axes] == ["SST-2", "CoLA", "STS-B"]  # the mini spec's tasks
-    lines = series(fig.axes[2])
+    assert [ax.get_title().split(" ")[0] for ax in fig.axes] == ["SST-2", "STS-B"]  # figures45_heldout's mini tasks
+    lines = series(fig.axes[1])
     assert lines["r=2"] == ([1, 4], [71.0, 62.0]) and lines["r=4"] == ([1, 4], [71.0, 64.0])
-    assert "held-out selection" in fig._suptitle.get_text()
+    assert "held-out:" in fig._suptitle.get_text() and "seeds 0, 1, 2" in fig._suptitle.get_text()
     assert figure5(records, heldout=True) is not None
     assert figure4([r for r in records if r["method_config"]["r"] == 8], heldout=True) is None  # no run on its lines
 
