@@ -100,8 +100,8 @@ $(TABLES) $(FIGURES):
 	$(RESULTS) --only $@
 
 .PHONY: table2-heldout
-table2-heldout: $(VENV)/.installed ## Table 2, held-out protocol: lr grid chosen on validation, then 5 seeds -> results/tables/table2_heldout.*
-	$(SWEEP) lr_grid --profile $(PROFILE) runs_root=$(RUNS)
+table2-heldout: $(VENV)/.installed ## Table 2, held-out protocol: lr grids (every row; MELoRA r=1 also n=2) chosen on validation, then 5 seeds -> results/tables/table2_heldout.*
+	$(SWEEP) lr_grid,table2_n_grid --profile $(PROFILE) runs_root=$(RUNS)
 	$(SWEEP) table2_heldout --profile $(PROFILE) runs_root=$(RUNS)
 	$(RESULTS) --only heldout
 
