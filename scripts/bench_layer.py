@@ -41,13 +41,28 @@ of how much of a verdict is load noise. ``--clock cpu`` times process CPU
 time on one thread instead: not the wall time asked for, but nearly immune to
 other processes, for a loaded machine.
 
+``--lockstep`` pairs the samples: after the warm-ups (none kept as a sample),
+every module of a group gets the same number of samples, one per round (the
+largest repeat count among them, no extra rounds for noisy jobs), so sample
+``i`` of every module was taken in round ``i``; rounds run the modules a
+target compares next to each other, in alternating direction. The paired statistic of a target's ratio A/B is the
+median over rounds of ``A_i / B_i``: load that drifts over seconds falls on
+both samples of a round and cancels, where a ratio of two medians keeps it.
+Each paired median comes with a distribution-free 95 % interval (order
+statistics of the per-round ratios, binomial with p = 1/2), and the targets
+are judged on it as well (``paired_vs_*`` columns, the *paired* report lines).
+
 ``base`` and ``melora_merged`` (merged at the largest ``n``, ``r``) are
 measured once per group, PEFT once per rank, and each measurement is repeated
 on every row it answers.
 
 Outputs: ``<out>/layer.csv`` (one row per config, variant and mode; ``path``:
-the formulation ``MELoRALinear``'s cost rule picked, on ``melora`` rows) and
-``<out>/layer.md`` (hardware, allocator, tables, and PASS/FAIL per target).
+the formulation ``MELoRALinear``'s cost rule picked, on ``melora`` rows;
+with ``--lockstep``, ``paired_vs_peft_nr``, ``paired_vs_loop``,
+``paired_vs_peft_r`` on ``melora`` rows and ``paired_vs_base`` on
+``melora_merged`` rows, each with its interval ``_lo`` / ``_hi``, empty
+otherwise) and ``<out>/layer.md`` (hardware, allocator, tables, and PASS/FAIL
+per target).
 
 Run as ``make bench-layer``; ``--quick`` is a 1-2 minute check.
 """
@@ -93,7 +108,18 @@ DEFAULT_MIN_REPS = 3
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 MELORA_PATH_VARIANTS = [f"melora_{path}" for path in PATHS]  # with --paths
 VARIANT_ORDER = ["base", "melora", *MELORA_PATH_VARIANTS, "peft_lora_nr", "peft_lora_r", "mini_loop", "block_diag", "melora_merged"]
-CSV_FIELDS = ["device", "dtype", "d", "n", "r", "T", "variant", "mode", "ms", "ratio_to_base", "min_ms", "reps", "spread_pct", "path"]
+# --lockstep: column on the first variant's rows <- median over rounds of its sample / the second variant's.
+PAIRED = {
+    "paired_vs_peft_nr": ("melora", "peft_lora_nr"),
+    "paired_vs_loop": ("melora", "mini_loop"),
+    "paired_vs_peft_r": ("melora", "peft_lora_r"),
+    "paired_vs_base": ("melora_merged", "base"),
+}
+PAIRED_CI_LEVEL = 0.95
+# --lockstep: within a round, the modules a target compares run next to each other.
+LOCKSTEP_ORDER = ["base", "melora_merged", "peft_lora_nr", "melora", "mini_loop", "peft_lora_r", *MELORA_PATH_VARIANTS, "block_diag"]
+CSV_FIELDS = ["device", "dtype", "d", "n", "r", "T", "variant", "mode", "ms", "ratio_to_base", "min_ms", "reps", "spread_pct", "path",
+              *(f"{column}{end}" for column in PAIRED for end in ("", "_lo", "_hi"))]  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- baselines
@@ -216,13 +242,26 @@ def wants_more(job: Job, budget_s: float, max_reps: int) -> bool:
     return job.spread_pct > NOISY_SPREAD_PCT
 
 
-def run_round_robin(jobs: list[Job], budget_s: float, max_reps: int, sync: Callable[[], None]) -> None:
-    """Warm each job up, then time one call per job per round until each has enough samples."""
+def run_round_robin(jobs: list[Job], budget_s: float, max_reps: int, sync: Callable[[], None], lockstep: bool = False) -> None:
+    """Warm each job up, then time one call per job per round until each has enough samples.
+
+    ``lockstep``: every job gets the largest target, one sample per round, so samples pair by index;
+    ``block_diag`` (a reference in no target or pair, and the slowest module) keeps its warm-up
+    as its one sample and stays out of the rounds.
+    """
     for job in jobs:
         warm = time_once(job, sync)
-        if warm >= HEAVY_CALL_S:
+        reference_only = lockstep and job.key[0] == "block_diag"
+        if (warm >= HEAVY_CALL_S and not lockstep) or reference_only:  # a kept warm-up would shift a paired job off the rounds
             job.samples.append(warm)
         job.target = max(job.min_reps, min(max_reps, math.ceil(budget_s / max(warm, 1e-6))))
+    if lockstep:
+        paired = [job for job in jobs if job.key[0] != "block_diag"]
+        for i in range(max((job.target for job in paired), default=0)):
+            # Alternate the direction: neither job of a pair always runs first (drift within a round, after-effects).
+            for job in paired if i % 2 == 0 else reversed(paired):
+                job.samples.append(time_once(job, sync))
+        return
     while True:
         pending = [job for job in jobs if wants_more(job, budget_s, max_reps)]
         if not pending:
@@ -295,7 +334,8 @@ def measure_group(device: torch.device, dtype: torch.dtype, d: int, T: int, mode
         for key, job in jobs.items():
             if isinstance(modules[key], MELoRALinear):
                 job.path = modules[key].path_for(x)
-    run_round_robin(list(jobs.values()), args.budget, args.max_reps, synchroniser(device))
+    order = lockstep_order(args.n, args.r, mode, args.paths) if args.lockstep else list(jobs)
+    run_round_robin([jobs[key] for key in order], args.budget, args.max_reps, synchroniser(device), args.lockstep)
     del modules, x, grad_out, base
     gc.collect()
     return jobs
@@ -317,12 +357,54 @@ def variant_jobs(n: int, r: int, mode: str, paths: bool = False) -> dict[str, tu
     return keys
 
 
+def lockstep_order(ns: list[int], rs: list[int], mode: str, paths: bool = False) -> list[tuple]:
+    """Every job key of a group once, each config's compared modules together (see ``LOCKSTEP_ORDER``)."""
+    order: dict[tuple, None] = {}
+    for n in ns:
+        for r in rs:
+            keys = variant_jobs(n, r, mode, paths)
+            order.update((keys[variant], None) for variant in LOCKSTEP_ORDER if variant in keys)
+    return list(order)
+
+
+def median_ci(values: list[float], level: float = PAIRED_CI_LEVEL) -> tuple[float, float]:
+    """Distribution-free interval of the median: order statistics ``k`` and ``n + 1 - k``, Binomial(n, 1/2).
+
+    ``k`` is the largest with P(X < k) ≤ (1 - level) / 2; NaNs when there are too few values (< 6 at 95 %).
+    """
+    n, xs = len(values), sorted(values)
+    k, below = 0, 0.0  # below: P(X < k)
+    while k < n // 2:
+        below_next = below + math.comb(n, k) / 2**n
+        if below_next > (1 - level) / 2:
+            break
+        k, below = k + 1, below_next
+    return (xs[k - 1], xs[n - k]) if k else (math.nan, math.nan)
+
+
+def paired_ratio(a: list[float], b: list[float]) -> tuple[float, float, float]:
+    """Median over rounds of ``a[i] / b[i]``, and its interval from ``median_ci``."""
+    ratios = [x / y for x, y in zip(a, b, strict=True)]
+    return (statistics.median(ratios), *median_ci(ratios))
+
+
+def paired_cells(variant: str, keys: dict[str, tuple], jobs: dict[tuple, Job]) -> dict[str, float]:
+    """The ``PAIRED`` columns of one row of a lockstep run."""
+    cells = {}
+    for column, (first, second) in PAIRED.items():
+        if first == variant and second in keys:
+            values = paired_ratio(jobs[keys[first]].samples, jobs[keys[second]].samples)
+            cells.update((name, round(v, 4)) for name, v in zip((column, f"{column}_lo", f"{column}_hi"), values) if not math.isnan(v))
+    return cells
+
+
 def group_rows(device: str, dtype: str, d: int, T: int, mode: str, jobs: dict[tuple, Job], args) -> list[dict]:
     base_ms = jobs[("base",)].ms
     rows = []
     for n in args.n:
         for r in args.r:
-            for variant, key in variant_jobs(n, r, mode, args.paths).items():
+            keys = variant_jobs(n, r, mode, args.paths)
+            for variant, key in keys.items():
                 job = jobs[key]
                 rows.append({
                     "device": device, "dtype": dtype, "d": d, "n": n, "r": r, "T": T,
@@ -330,6 +412,7 @@ def group_rows(device: str, dtype: str, d: int, T: int, mode: str, jobs: dict[tu
                     "ratio_to_base": round(job.ms / base_ms, 4), "min_ms": round(min(job.samples) * 1e3, 4),
                     "reps": len(job.samples),
                     "spread_pct": round(job.spread_pct, 1), "path": job.path if key[0] in ("melora", "melora_path") else "",
+                    **(paired_cells(variant, keys, jobs) if args.lockstep else {}),
                 })  # fmt: skip
     return rows
 
@@ -357,11 +440,11 @@ def cfg_label(config: tuple) -> str:
     return f"{device}/{dtype} d={d} n={n} r={r} T={T}"
 
 
-def check(name: str, worst: tuple[float, tuple] | None, limit: float, detail: str, higher_is_better=False) -> dict:
-    """A target's verdict from its worst-case value over the configs it covers."""
+def check(name: str, worst: tuple | None, limit: float, detail: str, higher_is_better=False) -> dict:
+    """A target's verdict from its worst-case ``(value, config, ...)`` over the configs it covers."""
     if worst is None:
         return {"name": name, "status": "n/a", "text": "not measured with these filters"}
-    value, config = worst
+    value, config = worst[:2]
     ok = value >= limit if higher_is_better else value <= limit
     bound = "≥" if higher_is_better else "≤"
     return {
@@ -379,46 +462,83 @@ def with_fastest(targets: list[dict], fastest: list[dict]) -> list[dict]:
     return targets
 
 
-def worst_of(values: list[tuple[float, tuple]], higher_is_better=False):
+def with_paired(targets: list[dict], paired: list[dict]) -> list[dict]:
+    """Attach the verdict on paired per-round ratios (``--lockstep``), with its intervals."""
+    for target, other in zip(targets, paired):
+        target["paired"] = f"On paired per-round ratios: {other['status']}, {other['text']}"
+    return targets
+
+
+def worst_of(values: list[tuple], higher_is_better=False):
     if not values:
         return None
-    return min(values) if higher_is_better else max(values)
+    pick = min if higher_is_better else max
+    return pick(values, key=lambda value: value[:2])
+
+
+def cell_float(row: dict, column: str) -> float:
+    """A number of a row, NaN where absent or empty (rows of runs without ``--lockstep``, older CSVs)."""
+    value = row.get(column)
+    return math.nan if value in (None, "") else float(value)
+
+
+def fmt_ci(lo: float, hi: float) -> str:
+    return "[n/a: < 6 rounds]" if math.isnan(lo) else f"[{lo:.3f}, {hi:.3f}]"
 
 
 def evaluate_targets(rows: list[dict], noise_tol: float, stat: str = "ms") -> list[dict]:
-    """PASS/FAIL per target from the medians (``stat="ms"``) or the fastest samples (``"min_ms"``).
+    """PASS/FAIL per target from the medians (``stat="ms"``), the fastest samples (``"min_ms"``) or the
+    paired per-round ratios of a ``--lockstep`` run (``"paired"``, the ``PAIRED`` columns).
 
     A target covers only the configs whose rows exist (filters, or a run still in progress).
     """
-    table = Table(rows, stat)
+    paired = stat == "paired"
+    table = Table(rows, "ms" if paired else stat)
+    by_key = {Table.key(row): row for row in rows}
+
+    def ratio(config: tuple, variant: str, other: str, mode: str = "fwdbwd") -> tuple[float, tuple, float, float] | None:
+        """``(value, config, lo, hi)`` of ``variant / other``; lo, hi NaN except for paired ratios."""
+        if not paired:
+            value = table.get(config, variant, mode)
+            return None if value is None else (value / table.get(config, other, mode), config, math.nan, math.nan)
+        column = next(name for name, pair in PAIRED.items() if pair == (variant, other))
+        row = by_key.get((*config, variant, mode), {})
+        value = cell_float(row, column)
+        return None if math.isnan(value) else (value, config, cell_float(row, f"{column}_lo"), cell_float(row, f"{column}_hi"))
+
     vs_peft, vs_loop, vs_peft_r = [], [], []
-    merged_vs_base: dict[tuple, tuple[float, tuple]] = {}
+    merged_vs_base: dict[tuple, tuple] = {}
     for config in table.configs:
-        _, _, d, n, r, T = config
-        melora_ms = table.get(config, "melora")
-        merged = table.get(config, "melora_merged", "fwd")
+        merged = ratio(config, "melora_merged", "base", "fwd")
         if merged is not None:  # measured once per (d, T): one value per group
-            merged_vs_base[config[:3] + config[5:]] = (merged / table.get(config, "base", "fwd"), config)
-        if melora_ms is None:
-            continue
-        vs_peft.append((melora_ms / table.get(config, "peft_lora_nr"), config))
-        vs_loop.append((melora_ms / table.get(config, "mini_loop"), config))
-        if d == 4096:
-            vs_peft_r.append((melora_ms / table.get(config, "peft_lora_r"), config))
+            merged_vs_base[config[:3] + config[5:]] = merged
+        vs_peft.append(ratio(config, "melora", "peft_lora_nr"))
+        vs_loop.append(ratio(config, "melora", "mini_loop"))
+        if int(config[2]) == 4096:
+            vs_peft_r.append(ratio(config, "melora", "peft_lora_r"))
+    vs_peft, vs_loop, vs_peft_r = ([v for v in values if v is not None] for values in (vs_peft, vs_loop, vs_peft_r))
     limit = 1.0 + noise_tol
 
-    def above(values):
-        return f"{sum(v > 1.0 for v, _ in values)}/{len(values)} configs above 1.0"
+    def detail(what: str, values: list[tuple], limit: float, counts: bool = True) -> str:
+        text = f"paired ratio {what}" if paired else f"ratio {what}"
+        if paired and values:
+            text += f", 95 % interval at the worst {fmt_ci(*worst_of(values)[2:])}"
+        if counts:
+            text += f"; {sum(v[0] > 1.0 for v in values)}/{len(values)} configs above 1.0"
+        if paired:  # a FAIL beyond noise: the whole interval above the limit
+            text += f"; {sum(v[2] > limit for v in values)}/{len(values)} with the interval above {limit:g}"
+        return text
 
+    groups = list(merged_vs_base.values())
     return [
         check("1a. MELoRA(n,r) ≤ 1.03 × PEFT LoRA rank n·r, fwd+bwd, every config", worst_of(vs_peft), limit,
-              f"ratio MELoRA/PEFT; {above(vs_peft)}"),
+              detail("MELoRA/PEFT", vs_peft, limit)),
         check("1b. MELoRA(n,r) ≤ 1.03 × per-mini-LoRA loop, fwd+bwd, every config", worst_of(vs_loop), limit,
-              f"ratio MELoRA/loop; {above(vs_loop)}"),
+              detail("MELoRA/loop", vs_loop, limit)),
         check("2. MELoRA(n,r) ≤ 1.05 × PEFT LoRA rank r at d=4096, fwd+bwd", worst_of(vs_peft_r), 1.05,
-              f"ratio MELoRA/PEFT (same parameters); {above(vs_peft_r)}"),
-        check("3. merged MELoRA inference ≤ 1.05 × base, fwd", worst_of(list(merged_vs_base.values())), 1.05,
-              f"ratio merged/base over {len(merged_vs_base)} (d, T) groups"),
+              detail("MELoRA/PEFT (same parameters)", vs_peft_r, 1.05)),
+        check("3. merged MELoRA inference ≤ 1.05 × base, fwd", worst_of(groups), 1.05,
+              detail(f"merged/base over {len(groups)} (d, T) groups", groups, 1.05, counts=False)),
     ]  # fmt: skip
 
 
@@ -493,6 +613,27 @@ def group_table(rows: list[dict], mode: str) -> str:
     return out.getvalue()
 
 
+def paired_table(rows: list[dict]) -> str:
+    """The ``PAIRED`` columns of one group (``--lockstep``): median per-round ratio [95 % interval]."""
+
+    def cell(row: dict, column: str) -> str:
+        value = cell_float(row, column)
+        return "" if math.isnan(value) else f"{value:.3f} {fmt_ci(cell_float(row, column + '_lo'), cell_float(row, column + '_hi'))}"
+
+    columns = [column for column, (variant, _) in PAIRED.items() if variant == "melora"]
+    out = io.StringIO()
+    out.write("\nPaired ratios (median over rounds of the per-round ratio [95 % interval]):\n\n")
+    out.write("| n | r | " + " | ".join(f"melora/{PAIRED[c][1]}" for c in columns) + " |\n")
+    out.write("|---:|---:|" + "---:|" * len(columns) + "\n")
+    for row in rows:
+        if row["variant"] == "melora":
+            out.write(f"| {row['n']} | {row['r']} | " + " | ".join(cell(row, c) for c in columns) + " |\n")
+    merged = next((row for row in rows if row["variant"] == "melora_merged"), None)
+    if merged is not None:
+        out.write(f"\nmelora_merged/base: {cell(merged, 'paired_vs_base')}\n")
+    return out.getvalue()
+
+
 def render_markdown(rows: list[dict], targets: list[dict], args, wall_s: float, progress: tuple[int, int]) -> str:
     out = io.StringIO()
     out.write("# MELoRA layer benchmark\n\n")
@@ -515,9 +656,25 @@ def render_markdown(rows: list[dict], targets: list[dict], args, wall_s: float, 
     if any(load != "?" and float(load) > torch.get_num_threads() + 0.5 for load in loads):
         out.write(" (above the thread count: other processes shared the cores and inflated the timings)")
     out.write("\n")
+    reps = f"≥ {args.min_reps}, base ≥ {max(args.min_reps, MIN_REPS['base'])}"
+    if args.lockstep:
+        method = (
+            f"lockstep round-robin (`--lockstep`): after one warm-up call each (not kept), every module of a group is "
+            f"timed once per round for the same number of rounds, the largest repeat count among its modules (about "
+            f"{args.budget:g} s of samples, {reps}, ≤ {args.max_reps}), the modules a target compares next to each other "
+            "and the direction alternating between rounds. `ms` is a module's median; a *paired* ratio A/B (CSV "
+            "`paired_vs_*`, the *paired* target lines and tables) is the median over rounds of A's sample / B's sample "
+            "in the same round, which cancels load that drifts over seconds, with a distribution-free 95 % interval "
+            "(`_lo`, `_hi`: order statistics of the per-round ratios); a FAIL whose interval lies above the limit is "
+            "beyond noise"
+        )
+    else:
+        method = (
+            f"median of round-robin samples, about {args.budget:g} s of samples per module "
+            f"({reps}, block_diag ≥ {MIN_REPS['block_diag']}, ≤ {args.max_reps})"
+        )
     out.write(
-        f"- Method: median of round-robin samples, about {args.budget:g} s of samples per module "
-        f"(≥ {args.min_reps}, base ≥ {max(args.min_reps, MIN_REPS['base'])}, block_diag ≥ {MIN_REPS['block_diag']}, ≤ {args.max_reps}); "
+        f"- Method: {method}; "
         f"input {SEQ_LEN}-token sequences; `fwd` = inference under no_grad, `fwdbwd` = forward + backward "
         f"with the input requiring grad; α = {ALPHA:g}, s = α/r, dropout 0. `base` and `melora_merged` "
         "(merged at the largest n, r) are measured once per (d, T), PEFT once per rank, and repeated on each row "
@@ -526,6 +683,8 @@ def render_markdown(rows: list[dict], targets: list[dict], args, wall_s: float, 
     out.write("## Targets (full layer)\n\n")
     for t in targets:
         out.write(f"- **{t['status']}** {t['name']}: {t['text']}. *{t['fastest']}*\n")
+        if "paired" in t:
+            out.write(f"  - *{t['paired']}*\n")
     out.write("\n## Timings\n\nCells: ms (ratio to the frozen base layer in the same run); path: the formulation MELoRALinear chose "
               "(melora.adapters.melora.choose_path).\n")
     groups: dict[tuple, list[dict]] = {}
@@ -536,6 +695,8 @@ def render_markdown(rows: list[dict], targets: list[dict], args, wall_s: float, 
         title = "forward + backward" if mode == "fwdbwd" else "forward (inference, no_grad)"
         out.write(f"\n### {device} {dtype}, d = {d}, T = {T}: {title}; base {base_ms:.2f} ms\n\n")
         out.write(group_table(group, mode))
+        if args.lockstep:
+            out.write(paired_table(group))
     return out.getvalue()
 
 
@@ -563,6 +724,8 @@ def csv_text(rows: list[dict]) -> str:
 
 def write_outputs(rows: list[dict], args, wall_s: float, progress: tuple[int, int]) -> list[dict]:
     targets = with_fastest(evaluate_targets(rows, args.noise_tol), evaluate_targets(rows, args.noise_tol, "min_ms"))
+    if args.lockstep:
+        targets = with_paired(targets, evaluate_targets(rows, args.noise_tol, "paired"))
     write_atomic(args.out / f"{args.name}.csv", csv_text(rows))
     write_atomic(args.out / f"{args.name}.md", render_markdown(rows, targets, args, wall_s, progress))
     return targets
@@ -596,6 +759,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--budget", type=float, default=1.0, help="seconds of samples per module (default 1.0)")
     p.add_argument("--max-reps", type=int, default=40)
     p.add_argument("--min-reps", type=int, default=DEFAULT_MIN_REPS, help=f"samples per module at least, whatever the budget (default {DEFAULT_MIN_REPS}); more for slow calls")
+    p.add_argument(
+        "--lockstep", action="store_true",
+        help="every module of a group gets the same samples, one per round (warm-ups not kept), and targets are also "
+             "judged on paired ratios: the median over rounds of the per-round ratio, with a 95%% interval",
+    )  # fmt: skip
+    p.add_argument("--modes", type=lambda text: [m for m in text.split(",") if m], default=["fwd", "fwdbwd"],
+                   help="fwd (inference; the merged target) and/or fwdbwd (training; targets 1-2), comma-separated")
     p.add_argument("--paths", action="store_true", help="also time MELoRALinear with each formulation forced (calibrates its cost rule)")
     p.add_argument("--noise-tol", type=float, default=0.03, help="timing-noise allowance of target 1 (default 0.03)")
     args = p.parse_args(argv)
@@ -634,7 +804,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     args.load_start = load_average()
     shapes = args.shapes or [(d, T) for d in args.d for T in args.tokens]
-    groups = [(dev, d, T, mode) for dev in devices(args.device) for d, T in shapes for mode in ("fwd", "fwdbwd")]
+    groups = [(dev, d, T, mode) for dev in devices(args.device) for d, T in shapes for mode in args.modes]
     rows: list[dict] = []
     for done, (device, d, T, mode) in enumerate(groups, start=1):
         t0 = time.perf_counter()
@@ -646,7 +816,7 @@ def main(argv: list[str] | None = None) -> int:
         targets = write_outputs(rows, args, time.perf_counter() - started, progress=(done, len(groups)))
     wall_s = time.perf_counter() - started
     for t in targets:
-        print(f"{t['status']}: {t['name']}: {t['text']} [{t['fastest']}]")
+        print(f"{t['status']}: {t['name']}: {t['text']} [{t['fastest']}]" + (f" [{t['paired']}]" if "paired" in t else ""))
     print(f"wrote {args.out / args.name}.csv and .md in {wall_s / 60:.1f} min")
     return 0
 

@@ -82,6 +82,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30, help="timed steps per variant (split into rounds)")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--out", default="results/bench")
+    parser.add_argument("--name", default="train", help="report file stem: <out>/<name>.md")
     parser.add_argument("--compile", action="store_true",
                         help="also time torch.compile'd copies of MELoRA and PEFT LoRA rank r (as trainer.compile=true)")
     args = parser.parse_args()
@@ -170,7 +171,7 @@ def main() -> None:
         eager = {row[0]: row[1] for row in rows}
         lines += ["", "## torch.compile (inductor, default mode; compile time excluded: the warm-up round compiles)"]
         lines += [f"- {name}: {speed:.1f} samples/s, {speed / eager[name.removesuffix('_compiled')]:.3f}× its eager speed" for name, speed, *_ in compiled]
-    atomic_write_text(out / "train.md", "\n".join(lines) + "\n")
+    atomic_write_text(out / f"{args.name}.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
