@@ -68,15 +68,58 @@ def sweep_points(records: list[dict], task: str, x: str, heldout: bool = False) 
         cell.values.append(float(record["best_metric"]))
         cell.seeds.append(record.get("seed"))
     if heldout:
-        from melora.report.protocol import choose, collect
-
-        for (n, r), group in families.items():
-            cells, _ = collect(group)
-            row = next(iter(cells))[1]  # one family: one row and setting
-            choice = choose(cells, task, row)
+        for (n, r), choice in heldout_choices(families).items():
             xv, line = (n, r) if x == "n" else (r, n)
             points[line][xv] = Cell(values=[v / 100 for v in choice.dev.values], seeds=list(choice.dev.seeds))
     return points
+
+
+def heldout_choices(families: dict[tuple[int, int], list[dict]]) -> dict:
+    """``(n, r)`` → the :class:`~melora.report.protocol.Choice` (lr chosen on validation, dev ×100) of its runs."""
+    from melora.report.protocol import choose, collect
+
+    out = {}
+    for family, group in families.items():
+        cells, _ = collect(group)
+        task, row = next(iter(cells))[:2]  # one task and family: one row and setting
+        out[family] = choose(cells, task, row)
+    return out
+
+
+def heldout_sweep_rows(records: list[dict], x: str, fixed: tuple[int, ...], model: str | None = None,
+                       profile: str | None = None) -> tuple[list[str], list[list[str]]]:
+    """The numbers behind a held-out Figure 4 (``x="n"``) or 5 (``x="r"``), with paired verdicts.
+
+    One line per plotted point: its lr (chosen on validation), seeds, dev mean ± std and 95 % t
+    interval, and the paired difference to LoRA (n = 1) at the same r over the same seeds.
+    """
+    from melora.report.stats import paired_difference
+
+    records, model, profile = scope(records, "glue", model, profile)
+    seeds = spec_seeds(HELDOUT_SPEC, profile)
+    records = [r for r in records if selection_of(r) == "heldout" and completed(r) and (seeds is None or r.get("seed") in seeds)]
+    header = ["task", "line", x, "lr", "seeds", "dev mean ± std", "dev 95% CI", "Δ vs LoRA same r (paired)", "Δ 95% CI", "verdict"]
+    body = []
+    for task in spec_tasks(HELDOUT_SPEC, profile) or sorted({r["task"] for r in records}):
+        families: dict[tuple[int, int], list[dict]] = defaultdict(list)
+        for record in records:
+            if record.get("task") == task and (family := lora_family(record)) is not None:
+                families[family].append(record)
+        choices = heldout_choices(families)
+        for line in fixed:
+            for (n, r), c in sorted(choices.items(), key=lambda item: item[0][::-1] if x == "n" else item[0]):
+                if (r if x == "n" else n) != line:
+                    continue
+                ref = choices.get((1, r))
+                d = paired_difference(c.dev, ref.dev) if ref is not None and n != 1 else None
+                ci = c.dev.ci95
+                body.append([GLUE_LABELS.get(task, task), f"{'r' if x == 'n' else 'n'}={line}", str(n if x == "n" else r), f"{c.lr:g}",
+                             str(c.dev.n), f"{c.dev.mean:.1f}" + (f" ± {c.dev.std:.1f}" if c.dev.std is not None else ""),
+                             f"[{ci[0]:.1f}, {ci[1]:.1f}]" if ci else "—",
+                             f"{d.mean:+.1f}" if d and d.mean is not None else "—",
+                             f"[{d.ci[0]:.1f}, {d.ci[1]:.1f}]" if d and d.ci else "—",
+                             d.verdict if d else ("reference" if n == 1 else "—")])  # fmt: skip
+    return header, body
 
 
 def plot_sweep(records: list[dict], tasks: list[str], x: str, lines: tuple[int, ...] | None, title: str, heldout: bool = False) -> Figure:

@@ -172,6 +172,16 @@ def test_heldout_figures_plot_dev_at_the_lr_validation_chose():
     assert figure5(records, heldout=True) is not None
     assert figure4([r for r in records if r["method_config"]["r"] == 8], heldout=True) is None  # no run on its lines
 
+    from scipy import stats
+
+    from melora.report.figures import heldout_sweep_rows
+
+    header, body = heldout_sweep_rows(records, "n", (2, 4))
+    assert header[:4] == ["task", "line", "n", "lr"] and [row[:5] for row in body] == [
+        ["STS-B", "r=2", "1", "0.001", "3"], ["STS-B", "r=2", "4", "0.003", "3"], ["STS-B", "r=4", "1", "0.001", "3"], ["STS-B", "r=4", "4", "0.003", "3"]]
+    ref = stats.ttest_rel([60.0 + 2] * 3, [70.0, 71.0, 72.0]).confidence_interval(0.95)  # MELoRA 4x2 against LoRA r=2, paired
+    assert body[1][7:] == ["-9.0", f"[{ref.low:.1f}, {ref.high:.1f}]", "worse"] and body[0][9] == "reference"
+
 
 def test_make_results_scaling_writes_only_the_scaling_study(tmp_path):
     """--only scaling: the study's two tables, forest plots and figure; no held-out Table 2 from its per_mini runs."""
