@@ -140,6 +140,7 @@ class Choice:
     dev: Cell
     candidates: int  # (setting, lr) pairs the choice was made among
     lrs_tried: int = 0  # learning rates with runs for the chosen setting: below the grid's size, the lr is provisional
+    edge: str = ""  # "top" / "bottom": the chosen lr is the largest / smallest tried, so the grid may not bracket the best
     versus_reference: PairedDifference | None = None
 
 
@@ -212,8 +213,9 @@ def choose(cells: dict, task: str, row: str) -> Choice | None:
     seeds = common(finalists)
     setting, lr = max(finalists, key=lambda k: _mean_on(options[k][0], seeds))
     val, dev = options[(setting, lr)]
-    return Choice(setting=setting, lr=lr, validation=val, dev=dev, candidates=len(options),
-                  lrs_tried=sum(1 for s, _ in options if s == setting))
+    tried = sorted(lr_ for s, lr_ in options if s == setting)
+    edge = "" if len(tried) < 3 else "top" if lr == tried[-1] else "bottom" if lr == tried[0] else ""
+    return Choice(setting=setting, lr=lr, validation=val, dev=dev, candidates=len(options), lrs_tried=len(tried), edge=edge)
 
 
 def build(records: list[dict], tasks: list[str] | None = None, layout: Layout = TABLE2) -> HeldoutTable:
@@ -245,7 +247,7 @@ def _interval(ci) -> str:
 def to_rows(table: HeldoutTable) -> tuple[list[str], list[list[str]]]:
     """Header and body of the long-format table: one line per (row, task)."""
     layout, single = table.layout, table.layout.single_reference
-    header = ["method", "task", "chosen", "lr", "lrs tried", "seeds", "validation", "dev mean ± std", "dev 95% CI",
+    header = ["method", "task", "chosen", "lr", "lr at grid edge", "lrs tried", "seeds", "validation", "dev mean ± std", "dev 95% CI",
               f"Δ vs {single} (paired)" if single else "Δ vs reference (paired)", "Δ 95% CI", "verdict"]
     drop_chosen = not layout.chooses_n and all(c.setting == "-" for by_task in table.rows.values() for c in by_task.values())
     if drop_chosen:
@@ -262,7 +264,8 @@ def to_rows(table: HeldoutTable) -> tuple[list[str], list[list[str]]]:
             d = c.versus_reference
             is_reference = row in layout.references.values()
             line = [
-                row, GLUE_LABELS.get(task, task), c.setting, f"{c.lr:g}", str(c.lrs_tried), str(c.dev.n), f"{c.validation.mean:.1f}",
+                row, GLUE_LABELS.get(task, task), c.setting, f"{c.lr:g}", c.edge or "—", str(c.lrs_tried), str(c.dev.n),
+                f"{c.validation.mean:.1f}",
                 f"{c.dev.mean:.1f}{std}", _interval(c.dev.ci95),
                 f"{d.mean:+.1f}" if d and d.mean is not None else "—", _interval(d.ci) if d else "—",
                 d.verdict if d else ("reference" if is_reference else "—"),
@@ -313,7 +316,8 @@ NOTE = (
     "CI: 95 % t interval over seeds; Δ: paired over common seeds against LoRA r=8 at its own chosen lr. "
     "Verdict 'better'/'worse' only when the paired CI excludes 0. Tuning budget: every row the same lr grid; "
     "MELoRA rows also choose n, which 'chosen' names. 'lrs tried': learning rates with runs for that setting; "
-    "below the grid's three the lr is provisional. 'too few seeds': under two paired seeds."
+    "below the grid's three the lr is provisional; 'lr at grid edge': the chosen lr is the grid's largest (top) or "
+    "smallest (bottom), so a wider grid might choose another. 'too few seeds': under two paired seeds."
 )
 
 

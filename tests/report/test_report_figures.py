@@ -198,4 +198,4 @@ def test_make_results_scaling_writes_only_the_scaling_study(tmp_path):
     assert not (tmp_path / "out" / "tables" / "table2_heldout.md").exists()
     assert (tmp_path / "out" / "figures" / "scaling.png").is_file()
     lines = (tmp_path / "out" / "tables" / "scaling_by_n.csv").read_text().splitlines()
-    assert lines[-1].startswith("MELoRA n=16 r=1 (equivalent),STS-B,0.001,1,3,")
+    assert lines[-1].startswith("MELoRA n=16 r=1 (equivalent),STS-B,0.001,—,1,3,")

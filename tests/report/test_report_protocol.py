@@ -46,7 +46,7 @@ def test_dev_selected_and_failed_runs_are_kept_apart():
     table = build(records)
     assert table.rows["LoRA r=8"]["mrpc"].lr == 1e-3 and table.failed == ["lora1-0.003-0"]
     md, csv = to_markdown(table), to_csv(table)
-    assert "Failed runs: lora1-0.003-0" in md and csv.splitlines()[1].startswith("LoRA r=8,MRPC,-,0.001,1")
+    assert "Failed runs: lora1-0.003-0" in md and csv.splitlines()[1].startswith("LoRA r=8,MRPC,-,0.001,—,1")
 
 
 def test_forest_plot_draws_one_line_per_paired_cell(tmp_path):
@@ -90,7 +90,7 @@ def test_table4_pairs_each_melora_row_with_lora_at_its_equivalent_rank():
     assert table.rows["LoRA r=4"]["stsb"].versus_reference is None
     header = to_csv(table).splitlines()[0].split(",")
     assert "reference" in header and "Δ vs reference (paired)" in header
-    assert to_csv(table).splitlines()[2].startswith("MELoRA r=2,STS-B,n=2,0.001,1,3")
+    assert to_csv(table).splitlines()[2].startswith("MELoRA r=2,STS-B,n=2,0.001,—,1,3")
     assert ",LoRA r=4," in to_csv(table).splitlines()[2]
     assert set(build(records).rows) == {"LoRA r=8", "MELoRA r=8", "MELoRA r=1"}  # Table 2 keeps its own rows
 
@@ -133,7 +133,7 @@ def test_scaling_study_pairs_conventions_at_each_n_and_each_n_with_n2(tmp_path):
     assert by_n.rows["MELoRA n=2 r=1 (equivalent)"]["stsb"].versus_reference is None
 
     header = to_csv(table).splitlines()[0].split(",")
-    assert "chosen" not in header and header[:3] == ["method", "task", "lr"]
+    assert "chosen" not in header and header[:4] == ["method", "task", "lr", "lr at grid edge"]
     assert "choose n" not in note(SCALING) and "equivalent − per_mini" in note(SCALING)
     fig = scaling_figure(table)
     assert len(fig.axes) == 1 and len(fig.axes[0].get_lines()) >= 2
@@ -150,4 +150,13 @@ def test_heldout_tables_state_their_data_and_render_to_latex():
     tex = to_latex(build(records), "Δ over ≥ 2 seeds, 10 %")
     assert r"\toprule" in tex and r"\label{tab:table2-heldout}" in tex
     assert r"$\Delta$ over $\geq$ 2 seeds, 10 \%" in tex and r"Failed runs: lora1-0.003-0" in tex
-    assert "LoRA r=8 & MRPC & - & 0.001 & 1 & 2 &" in tex
+    assert "LoRA r=8 & MRPC & - & 0.001 & -- & 1 & 2 &" in tex
+
+
+def test_a_chosen_lr_at_the_edge_of_its_grid_is_flagged():
+    top = [record("sst2", "lora", lr, 0, val, 0.8) for lr, val in ((3e-4, 0.70), (1e-3, 0.75), (3e-3, 0.80))]
+    middle = [record("mrpc", "lora", lr, 0, val, 0.8) for lr, val in ((3e-4, 0.70), (1e-3, 0.85), (3e-3, 0.80))]
+    bottom = [record("cola", "lora", lr, 0, val, 0.8) for lr, val in ((3e-4, 0.90), (1e-3, 0.85), (3e-3, 0.80))]
+    rows = build(top + middle + bottom).rows["LoRA r=8"]
+    assert (rows["sst2"].edge, rows["mrpc"].edge, rows["cola"].edge) == ("top", "", "bottom")
+    assert build(top[1:]).rows["LoRA r=8"]["sst2"].edge == ""  # two lrs tried: provisional, no edge claimed
