@@ -51,7 +51,7 @@ test-slow: $(VENV)/.installed ## Run only the slow end-to-end tests
 LAYER_SHAPES ?= 768x512,768x4096
 LAYER_WIDE ?= 4096x512
 LOCKSTEP := --lockstep --min-reps 25 --max-reps 25 --n 1,2,4,8,16,64 --r 1,2,8
-bench-layer: $(VENV)/.installed ## Time MELoRALinear vs PEFT LoRA vs the per-mini-LoRA loop (targets, 2 and 1 threads) and every path -> results/bench/layer*.{csv,md}
+bench-layer: $(VENV)/.installed ## Issue-12 targets: MELoRALinear vs PEFT LoRA vs the per-mini-LoRA loop, paired lockstep rounds, 2 and 1 threads -> results/bench/layer*-lockstep.{csv,md}
 	$(BENCH_ENV) $(PY) scripts/bench_layer.py --out results/bench --name layer-lockstep --shapes $(LAYER_SHAPES) $(LOCKSTEP) --threads 2
 	$(BENCH_ENV) OMP_NUM_THREADS=1 $(PY) scripts/bench_layer.py --out results/bench --name layer-1thread-lockstep --shapes $(LAYER_SHAPES) $(LOCKSTEP) --threads 1
 	$(BENCH_ENV) $(PY) scripts/bench_layer.py --out results/bench --name layer-d4096-lockstep --shapes $(LAYER_WIDE) --modes fwdbwd $(LOCKSTEP) --threads 2
