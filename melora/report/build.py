@@ -91,7 +91,6 @@ def _heldout_table(records: list[dict], folder: Path, model: str | None, log: Ca
 
     records = [r for r in records if selection_of(r) == "heldout" and (model is None or r.get("model") == model)]
     written: dict[str, list[Path]] = {}
-    scaling = layouts is not None and layouts == protocol.SCALING_LAYOUTS
     for layout in layouts or protocol.LAYOUTS:
         table = protocol.build(records, layout=layout)
         if not table.rows:
@@ -99,8 +98,9 @@ def _heldout_table(records: list[dict], folder: Path, model: str | None, log: Ca
         kept = [r for r in records if layout.keep(r.get("method_config", {}))]
         models = sorted({str(r.get("model")) for r in kept})
         hardware = sorted({str((r.get("device") or {}).get("cpu") or (r.get("device") or {}).get("cuda")) for r in kept})
+        in_rows = [r for r in kept if r.get("method_config") and layout.row(r["method_config"]) in layout.rows]
         note = (protocol.note(layout) + f" Model: {', '.join(models)}; hardware: {', '.join(hardware)}. "
-                + protocol.data_note([r for r in kept if protocol.collect([r], layout.row, layout.setting)[0]]))
+                + protocol.data_note(in_rows))
         paths = [folder / f"{layout.name}.{ext}" for ext in ("md", "csv", "tex")]
         atomic_write_text(paths[0], protocol.to_markdown(table, note))
         atomic_write_text(paths[1], protocol.to_csv(table))
@@ -115,7 +115,7 @@ def _heldout_table(records: list[dict], folder: Path, model: str | None, log: Ca
         if layout is protocol.SCALING and (fig := protocol.scaling_figure(table)) is not None:
             written["scaling_figure"] = save_figure(fig, folder.parent / "figures", "scaling")
             log("scaling: " + ", ".join(map(str, written["scaling_figure"])))
-    if scaling:
+    if layouts is not None:  # the scaling study has no Figures 4-5
         return written
     for name, x, fixed in (("figure4", "n", (2, 4)), ("figure5", "r", (1, 2))):  # each point at the lr its validation metric chose
         fig = FIGURES[name](records, model=model, heldout=True)
@@ -123,9 +123,8 @@ def _heldout_table(records: list[dict], folder: Path, model: str | None, log: Ca
             written[f"{name}_heldout"] = save_figure(fig, folder.parent / "figures", f"{name}_heldout")
             header, body = heldout_sweep_rows(records, x, fixed, model=model)
             paths = [folder / f"{name}_heldout.md", folder / f"{name}_heldout.csv"]
-            atomic_write_text(paths[0], FIGURE_NOTE.format(name=f"Figure {name[-1]}") + "\n\n"
-                              + "\n".join("| " + " | ".join(row) + " |" for row in [header, ["---"] * len(header), *body]) + "\n")
-            atomic_write_text(paths[1], _csv([header, *body]))
+            atomic_write_text(paths[0], protocol.markdown_table(header, body, FIGURE_NOTE.format(name=f"Figure {name[-1]}")))
+            atomic_write_text(paths[1], protocol.csv_table(header, body))
             written[f"{name}_heldout"] += paths
             log(f"{name}_heldout: " + ", ".join(map(str, written[f"{name}_heldout"])))
     return written
@@ -137,12 +136,3 @@ FIGURE_NOTE = (
     "and 95 % t interval; Δ: paired over the same seeds against LoRA (n = 1) at the same r, each at its own lr; "
     "'better'/'worse' only when the interval excludes 0."
 )
-
-
-def _csv(rows: list[list[str]]) -> str:
-    import csv
-    import io
-
-    out = io.StringIO()
-    csv.writer(out).writerows(rows)
-    return out.getvalue()

@@ -278,25 +278,31 @@ def to_rows(table: HeldoutTable) -> tuple[list[str], list[list[str]]]:
     return header, body
 
 
-def to_markdown(table: HeldoutTable, note: str = "") -> str:
-    header, body = to_rows(table)
+def markdown_table(header: list[str], body: list[list[str]], note: str = "") -> str:
+    """``note``, a blank line, then a Markdown table of ``header`` and ``body``."""
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(r) + " |" for r in body]
-    if table.failed:
-        lines += ["", "Failed runs: " + ", ".join(table.failed)]
     return (note + "\n\n" if note else "") + "\n".join(lines) + "\n"
 
 
-def to_csv(table: HeldoutTable) -> str:
+def csv_table(header: list[str], body: list[list[str]]) -> str:
     import csv
     import io
 
-    header, body = to_rows(table)
     out = io.StringIO()
     writer = csv.writer(out)
     writer.writerow(header)
     writer.writerows(body)
     return out.getvalue()
+
+
+def to_markdown(table: HeldoutTable, note: str = "") -> str:
+    text = markdown_table(*to_rows(table), note)
+    return text + (f"\nFailed runs: {', '.join(table.failed)}\n" if table.failed else "")
+
+
+def to_csv(table: HeldoutTable) -> str:
+    return csv_table(*to_rows(table))
 
 
 def note(layout: Layout) -> str:
@@ -404,7 +410,7 @@ def scaling_figure(table: HeldoutTable):
 def data_note(records: list[dict]) -> str:
     """Per task: training examples (after the held-out split), held-out and dev sizes, epochs; and the seeds.
 
-    Raises nothing on old records: a size a record lacks is left out.
+    A size a record lacks (records from before the split existed) shows as ``None``.
     """
     sizes: dict[str, set] = defaultdict(set)
     seeds = set()
