@@ -12,8 +12,8 @@
     h = W x + s · blockdiag(B_1..B_n) · blockdiag(A_1..A_n) · x
 
 The mini LoRAs are stored packed, ``lora_A: (n, r, d_in/n)`` and
-``lora_B: (n, d_out/n, r)``. The adapter product has three exact
-formulations (``PATHS``), picked per call by :func:`choose_path`:
+``lora_B: (n, d_out/n, r)``. The adapter product has exact formulations
+(``PATHS``) that differ only in speed, picked per call by :func:`choose_path`:
 
 - ``"bmm"``: two batched products over a strided ``(n, T, ·)`` view of the
   input, the second one added in place into the frozen output:
@@ -25,7 +25,13 @@ formulations (``PATHS``), picked per call by :func:`choose_path`:
 - ``"fused"``: the ``"bmm"`` products and the frozen layer in one
   ``torch.autograd.Function`` whose backward writes the input's gradient into
   a strided view of the frozen layer's (no transposed-view copy, no extra sum)
-  and the factors' gradients from the same views.
+  and the factors' gradients from the same views;
+- ``"fused_groups"``: the same Function with the mini LoRAs in ``g`` groups of
+  ``n/g`` consecutive ones, one dense GEMM pair per group on column slices
+  (rank ``n·r/g`` each, ``n/g`` times the multiply-adds of ``"bmm"``): ``g``
+  is the fewest groups whose rank is at most ``GROUPS_MAX_RANK``;
+  ``"fused_dense"`` is its ``g = 1`` and ``"fused_blocks"`` its ``g = n``
+  (a loop over the mini LoRAs).
 
 A contiguous-block layout (a ``(n, T, d_in/n)`` copy of the input) is not
 one of them: it adds a pass over the input to what ``"bmm"`` reads in place.
@@ -46,15 +52,15 @@ from melora.adapters.base import AdapterConfig, AdapterLayer, AdapterMethod, Con
 
 SCALINGS = ("per_mini", "equivalent", "rslora")
 INITS = ("kaiming", "gaussian")
-PATHS = ("bmm", "dense", "fused", "fused_dense", "fused_blocks")
-# The paths that run the frozen layer and the adapter in one _FusedMELoRA, and the form of its products.
-FUSED_FORMS = {"fused": "bmm", "fused_dense": "dense", "fused_blocks": "blocks"}
+PATHS = ("bmm", "dense", "fused", "fused_dense", "fused_blocks", "fused_groups")
+# The paths that run the frozen layer and the adapter in one _FusedMELoRA.
+FUSED_PATHS = ("fused", "fused_dense", "fused_blocks", "fused_groups")
 
 # The cost rule of choose_path.
 #
-# CPU: calibrated by `scripts/bench_layer.py --paths` (results/bench/layer.md at 2 threads and
-# layer-1thread.md at 1 thread: 2-core AMD EPYC, fp32, d = 768 and 4096, n in {1..64},
-# r in {1, 2, 8}, 512 and 4096 tokens). With gradients the three fused paths beat their unfused
+# CPU, fp32 (and fp16, unmeasured): calibrated by `scripts/bench_layer.py --paths` (results/bench/layer.md
+# at 2 threads and layer-1thread.md at 1 thread: 2-core AMD EPYC, fp32, d = 768 and 4096, n in {1..64},
+# r in {1, 2, 8}, 512 and 4096 tokens). With gradients the fused paths beat their unfused
 # forms in almost every config (they add the adapter's input gradient into the frozen layer's in
 # place instead of summing two tensors), and among them: at r = 1 and small n, "fused_blocks"
 # (n GEMV-shaped products on column slices: 0.94-0.98 x the faster of PEFT LoRA rank n and the
@@ -66,6 +72,17 @@ FUSED_FORMS = {"fused": "bmm", "fused_dense": "dense", "fused_blocks": "blocks"}
 # (0.47-0.96 x at n·r = 64, 128, 512, 1 and 2 threads). Without gradients "bmm" matched "dense" at small n·r and beat it as n·r grew.
 CPU_BLOCKS_MAX_N = 8  # r = 1, 2 ≤ n ≤ this, with gradients: "fused_blocks"
 CPU_DENSE_MAX_RANK = 32  # n ≥ 2, n·r ≤ this, with gradients: "fused_dense"
+# CPU, bf16 (the factors' dtype, or autocast's): calibrated by `bench_layer.py --paths --dtype bf16`
+# (results/bench/layer-bf16*.md: 2-core Intel Xeon with AMX-bf16, d = 768 and 4096, 1 and 2 threads).
+# There the bf16 GEMMs run on AMX tiles and stay memory-bound up to rank ~64-128, so LoRA's dense
+# pair at rank n·r costs about what rank r costs, while the batched products (bmm with inner
+# dimensions r and d/n) do not use the tiles: "fused" ran 1.1-1.9 x PEFT LoRA rank n·r and "fused_blocks"
+# up to 1.5 x at n = 8, r = 1, but "fused_dense" 0.73-0.98 x in every fwd+bwd config at d = 768 (2
+# threads). Past n·r = 64 the dense pair's extra multiply-adds show at d = 4096 (n = 64, r = 8: 1.32 x
+# PEFT LoRA rank r), and groups of rank 64-128 were fastest (1 thread: 0.98 x, 2 threads: 1.07 x),
+# so "fused_groups" with GROUPS_MAX_RANK = 64 (its g = 1, "fused_dense", up to n·r = 64).
+CPU_BF16_DTYPES = (torch.bfloat16,)
+GROUPS_MAX_RANK = 64  # the largest rank of one group's dense GEMM pair in "fused_groups" (group_count)
 CALIBRATED_DEVICES = ("cpu",)
 # Other devices (cuda, mps, …): a roofline guess, UNCALIBRATED until `make bench-gpu` runs on one.
 # FLOP per byte of memory traffic below which a GEMM is memory-bound. The dense pair does
@@ -86,11 +103,14 @@ def choose_path(
 
     The rule (deterministic; the constants above say where each part comes from):
 
-    - CPU (calibrated), with gradients: ``"fused"`` for ``n = 1``;
+    - CPU (calibrated), fp32, with gradients: ``"fused"`` for ``n = 1``;
       ``"fused_blocks"`` for ``r = 1`` and ``n ≤ CPU_BLOCKS_MAX_N``;
       ``"fused_dense"`` for ``n·r ≤ CPU_DENSE_MAX_RANK``; ``"fused"`` otherwise.
       Without gradients: ``"dense"`` for ``n = 1`` (plain LoRA), ``"bmm"`` for
       ``n ≥ 2``.
+    - CPU (calibrated), bf16 (``CPU_BF16_DTYPES``), with or without gradients:
+      ``"dense"`` without gradients and ``"fused_dense"`` with them for
+      ``n·r ≤ GROUPS_MAX_RANK``, ``"fused_groups"`` otherwise.
     - Other devices (uncalibrated roofline guess): ``n = 1``: ``"dense"``;
       ``"dense"`` when ``2·n·r ≤ MACHINE_BALANCE[device.type] · dtype.itemsize``
       and ``tokens ≥ DENSE_MIN_TOKENS_PER_RANK · n·r`` (memory-bound like
@@ -105,6 +125,10 @@ def choose_path(
     (:meth:`MELoRALinear.path_for`).
     """
     device_type = torch.device(device).type
+    if device_type in CALIBRATED_DEVICES and dtype in CPU_BF16_DTYPES:
+        if n * r > GROUPS_MAX_RANK:
+            return "fused_groups"
+        return "fused_dense" if needs_grad else "dense"
     if device_type in CALIBRATED_DEVICES:
         if not needs_grad:
             return "dense" if n == 1 else "bmm"
@@ -322,8 +346,8 @@ class MELoRALinear(AdapterLayer):
         if self.merged:
             return self.base_layer(x)
         path = self.path_for(x)
-        if path in FUSED_FORMS:
-            return self._fused_forward(x, FUSED_FORMS[path])
+        if path in FUSED_PATHS:
+            return self._fused_forward(x, path)
         return self.add_adapter_output(self.base_layer(x), self.lora_dropout(x), path)
 
     def path_for(self, x: torch.Tensor) -> str:
@@ -332,12 +356,12 @@ class MELoRALinear(AdapterLayer):
             needs_grad = torch.is_grad_enabled() and (x.requires_grad or self.lora_A.requires_grad or self.lora_B.requires_grad)
             dtype = self._adapter_dtype(x)
             path = choose_path(self.d_in, self.d_out, self.n, self.r, x.numel() // self.d_in, dtype, x.device, needs_grad)
-            if path in FUSED_FORMS and not self._fusable():
+            if path in FUSED_PATHS and not self._fusable():
                 return "dense" if self.n == 1 or path == "fused_dense" else "bmm"
             return path
         if self.path not in PATHS:
             raise ValueError(f"path={self.path!r} is unknown; set layer.path to 'auto' or one of {PATHS}")
-        if self.path in FUSED_FORMS and not self._fusable():
+        if self.path in FUSED_PATHS and not self._fusable():
             raise ValueError(
                 f"path={self.path!r} needs a frozen nn.Linear or Conv1D without hooks as base_layer, got "
                 f"{type(self.base_layer).__name__}; set layer.path to 'bmm' or 'dense'"
@@ -390,13 +414,14 @@ class MELoRALinear(AdapterLayer):
         """``blockdiag(A_1..A_n)`` ``(n·r, d_in)`` and ``blockdiag(B_1..B_n)`` ``(d_out, n·r)``, differentiable."""
         return _block_diagonal(self.lora_A), _block_diagonal(self.lora_B)
 
-    def _fused_forward(self, x: torch.Tensor, form: str) -> torch.Tensor:
+    def _fused_forward(self, x: torch.Tensor, path: str) -> torch.Tensor:
         base = self.base_layer
+        groups = {"fused": 0, "fused_dense": 1, "fused_blocks": self.n, "fused_groups": group_count(self.n, self.r)}[path]
         # Without dropout the adapter's input gradient is added into the frozen layer's in place.
         shared = isinstance(self.lora_dropout, nn.Identity) or not self.lora_dropout.training
         out = _FusedMELoRA.apply(
             x, None if shared else self.lora_dropout(x), base.weight, base.bias, self.lora_A, self.lora_B,
-            self.scaling, self.fan_in_fan_out, self._adapter_dtype(x), form,
+            self.scaling, self.fan_in_fan_out, self._adapter_dtype(x), groups,
         )  # fmt: skip
         return out.view(*x.shape[:-1], self.d_out)
 
@@ -452,21 +477,43 @@ def _addmm_column_blocks(out: torch.Tensor, mats1: list[torch.Tensor], mats2: li
     return out
 
 
+def group_count(n: int, r: int, max_rank: int | None = None) -> int:
+    """Groups of path ``"fused_groups"``: the fewest ``g`` dividing ``n`` with ``(n/g)·r ≤ max_rank``.
+
+    ``max_rank`` defaults to ``GROUPS_MAX_RANK``; ``g = n`` when even one mini LoRA's ``r`` exceeds it.
+    """
+    max_rank = GROUPS_MAX_RANK if max_rank is None else max_rank
+    return next(g for g in range(1, n + 1) if n % g == 0 and (n // g) * r <= max_rank or g == n)
+
+
+def _column_blocks(mat: torch.Tensor, groups: int) -> list[torch.Tensor]:
+    """``groups`` equal column slices of ``mat`` ``(T, c)``: views ``(T, c/groups)``."""
+    width = mat.shape[1] // groups
+    return [mat[:, j * width : (j + 1) * width] for j in range(groups)]
+
+
+def _group_factors(blocks: torch.Tensor, groups: int) -> list[torch.Tensor]:
+    """``blockdiag`` of each of ``groups`` runs of consecutive packed blocks ``(n, p, q)``: ``groups × (n·p/groups, n·q/groups)``."""
+    size = blocks.shape[0] // groups
+    return [_block_diagonal(blocks[j * size : (j + 1) * size]) for j in range(groups)]
+
+
 class _FusedMELoRA(torch.autograd.Function):
     """``h = base(x) + s · concat_i(B_i A_i x'_i)`` in one Function, with a copy-free backward.
 
     ``x'`` is ``adapter_x`` (``x`` after dropout), or ``x`` itself when
     ``adapter_x`` is ``None``: then the adapter's input gradient is added into
     the frozen layer's ``g·W`` in place, as the forward adds into the frozen
-    output. ``form`` is how the two adapter products are computed, forward and
-    backward (the three are exact; which is fastest depends on the shape):
+    output. ``groups`` is how the two adapter products are computed, forward
+    and backward (all exact; which is fastest depends on the shape):
 
-    - ``"bmm"``: batched products over strided ``(n, T, ·)`` views;
-    - ``"dense"``: one GEMM per product with ``blockdiag(A)`` ``(n·r, d_in)`` and
-      ``blockdiag(B)`` ``(d_out, n·r)``, LoRA's GEMMs at rank ``n·r``; the
-      factors' gradients are the diagonal blocks of the dense ones;
-    - ``"blocks"``: ``n`` GEMM pairs on column slices ``(T, d_in/n)`` of the
-      input (a Python loop over the mini LoRAs, with no copies).
+    - ``0``: batched products over strided ``(n, T, ·)`` views (path ``"fused"``);
+    - ``g ≥ 1``: the mini LoRAs in ``g`` groups of ``n/g``, one GEMM per group and
+      product on column slices with the group's ``blockdiag(A)`` ``(n·r/g, d_in/g)``
+      and ``blockdiag(B)`` ``(d_out/g, n·r/g)``: LoRA's GEMMs at rank ``n·r/g``
+      ``g`` times, no copies of the input; the factors' gradients are the
+      diagonal blocks of each group's dense ones. ``g = 1`` is ``"fused_dense"``,
+      ``g = n`` ``"fused_blocks"``.
 
     Shapes: ``x`` ``(..., d_in)``; ``weight`` ``(d_out, d_in)`` (``(d_in, d_out)``
     if ``fan_in_fan_out``); ``lora_A`` ``(n, r, d_in/n)``; ``lora_B``
@@ -475,7 +522,7 @@ class _FusedMELoRA(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, adapter_x, weight, bias, lora_A, lora_B, scaling, fan_in_fan_out, adapter_dtype, form):
+    def forward(ctx, x, adapter_x, weight, bias, lora_A, lora_B, scaling, fan_in_fan_out, adapter_dtype, groups):
         n, d_in = lora_A.shape[0], x.shape[-1]
         k = d_in // n
         x2 = x.reshape(-1, d_in)
@@ -492,20 +539,16 @@ class _FusedMELoRA(torch.autograd.Function):
         xa = (x2 if adapter_x is None else adapter_x.reshape(-1, d_in)).to(adapter_dtype)
         A = lora_A.to(adapter_dtype)
         B = lora_B.to(result.dtype)
-        if form == "dense":
-            hidden = ((xa @ _block_diagonal(A).T) * scaling).to(result.dtype)  # (T, n·r)
-            result = _addmm_into(result, hidden, _block_diagonal(B).T)
-            hiddens = (hidden,)
-        elif form == "blocks":
-            hiddens = tuple(((xa[:, i * k : (i + 1) * k] @ A[i].T) * scaling).to(result.dtype) for i in range(n))  # n × (T, r)
-            result = _addmm_column_blocks(result, hiddens, [B[i].T for i in range(n)])
+        if groups:
+            hiddens = tuple(((xa_j @ A_j.T) * scaling).to(result.dtype) for xa_j, A_j in zip(_column_blocks(xa, groups), _group_factors(A, groups)))  # groups × (T, n·r/groups)
+            result = _addmm_column_blocks(result, hiddens, [B_j.T for B_j in _group_factors(B, groups)])
         else:
             hidden = torch.bmm(xa.reshape(-1, n, k).transpose(0, 1), A.transpose(1, 2)) * scaling  # (n, T, r)
             hidden = hidden.to(result.dtype)
             result = _add_block_products(result, hidden, B.transpose(1, 2))
             hiddens = (hidden,)
         ctx.save_for_backward(xa, weight, A, B, *hiddens)
-        ctx.scaling, ctx.fan_in_fan_out, ctx.shared, ctx.x_shape, ctx.form = scaling, fan_in_fan_out, adapter_x is None, x.shape, form
+        ctx.scaling, ctx.fan_in_fan_out, ctx.shared, ctx.x_shape, ctx.groups = scaling, fan_in_fan_out, adapter_x is None, x.shape, groups
         ctx.dtypes = (x.dtype, lora_A.dtype, lora_B.dtype, None if adapter_x is None else adapter_x.dtype)
         return result
 
@@ -517,7 +560,8 @@ class _FusedMELoRA(torch.autograd.Function):
         m = B.shape[1]
         need = ctx.needs_input_grad
         g = grad.reshape(-1, n * m).to(B.dtype).contiguous()
-        grad_A, grad_B, add_input_grad = _ADAPTER_BACKWARD[ctx.form](g, xa, A, B, hiddens, ctx.scaling, need[4], need[5])
+        backward = _groups_backward if ctx.groups else _bmm_backward
+        grad_A, grad_B, add_input_grad = backward(g, xa, A, B, hiddens, ctx.scaling, need[4], need[5])
         grad_A = None if grad_A is None else grad_A.to(A_dtype)
         grad_B = None if grad_B is None else grad_B.to(B_dtype)
         grad_x = grad_adapter_x = None
@@ -548,37 +592,23 @@ def _bmm_backward(g, xa, A, B, hiddens, scaling, need_A, need_B):
     return grad_A, grad_B, add_input_grad
 
 
-def _dense_backward(g, xa, A, B, hiddens, scaling, need_A, need_B):
-    """Form ``"dense"``: LoRA's backward at rank ``n·r``; the factors' gradients are the diagonal blocks."""
-    (hidden,) = hiddens  # (T, n·r)
-    n = A.shape[0]
-    A_dense = _block_diagonal(A)  # (n·r, d_in)
-    grad_hidden = ((g @ _block_diagonal(B)) * scaling).to(A.dtype)  # (T, n·r)
-    grad_A = _diagonal_blocks(grad_hidden.T @ xa, n) if need_A else None
-    grad_B = _diagonal_blocks(g.T @ hidden, n) if need_B else None
+def _groups_backward(g, xa, A, B, hiddens, scaling, need_A, need_B):
+    """Form ``groups``: LoRA's backward at rank ``n·r/groups`` on each group's column blocks.
+
+    The factors' gradients are the diagonal blocks of each group's dense ones.
+    """
+    groups = len(hiddens)
+    minis = A.shape[0] // groups
+    A_groups = _group_factors(A, groups)  # groups × (n·r/groups, d_in/groups)
+    g_blocks = _column_blocks(g, groups)  # groups × (T, d_out/groups), views
+    grad_hidden = [((g_j @ B_j) * scaling).to(A.dtype) for g_j, B_j in zip(g_blocks, _group_factors(B, groups))]  # groups × (T, n·r/groups)
+    grad_A = torch.cat([_diagonal_blocks(gh.T @ xa_j, minis) for gh, xa_j in zip(grad_hidden, _column_blocks(xa, groups))]) if need_A else None
+    grad_B = torch.cat([_diagonal_blocks(g_j.T @ h, minis) for g_j, h in zip(g_blocks, hiddens)]) if need_B else None
 
     def add_input_grad(out):
-        return _addmm_into(out, grad_hidden.to(out.dtype), A_dense.to(out.dtype))
+        return _addmm_column_blocks(out, [gh.to(out.dtype) for gh in grad_hidden], [A_j.to(out.dtype) for A_j in A_groups])
 
     return grad_A, grad_B, add_input_grad
-
-
-def _blocks_backward(g, xa, A, B, hiddens, scaling, need_A, need_B):
-    """Form ``"blocks"``: one GEMM per mini LoRA and product, on column slices of ``g`` and ``x``."""
-    n, r, k = A.shape
-    m = B.shape[1]
-    g_blocks = [g[:, i * m : (i + 1) * m] for i in range(n)]  # n × (T, d_out/n), views
-    grad_hidden = [((g_i @ B[i]) * scaling).to(A.dtype) for i, g_i in enumerate(g_blocks)]  # n × (T, r)
-    grad_A = torch.stack([gh.T @ xa[:, i * k : (i + 1) * k] for i, gh in enumerate(grad_hidden)]) if need_A else None
-    grad_B = torch.stack([g_i.T @ h for g_i, h in zip(g_blocks, hiddens)]) if need_B else None
-
-    def add_input_grad(out):
-        return _addmm_column_blocks(out, [gh.to(out.dtype) for gh in grad_hidden], [A[i].to(out.dtype) for i in range(n)])
-
-    return grad_A, grad_B, add_input_grad
-
-
-_ADAPTER_BACKWARD = {"bmm": _bmm_backward, "dense": _dense_backward, "blocks": _blocks_backward}
 
 
 @register

@@ -7,7 +7,7 @@ from transformers.pytorch_utils import Conv1D
 
 import melora.adapters.melora as melora_layer
 from melora import MELoRALinear
-from melora.adapters.melora import PATHS, choose_path
+from melora.adapters.melora import PATHS, choose_path, group_count
 
 SHAPES = [(24, 40, n, r) for n in (1, 2, 4, 8) for r in (1, 2, 8)] + [(64, 16, 2, 8), (64, 16, 8, 1)]  # (d_in, d_out, n, r)
 LEADS = [(7,), (2, 3)]  # 2-D and 3-D inputs
@@ -101,6 +101,8 @@ def rule(monkeypatch):
     monkeypatch.setattr(melora_layer, "MACHINE_BALANCE", {"cuda": 64.0})
     monkeypatch.setattr(melora_layer, "DEFAULT_MACHINE_BALANCE", 8.0)
     monkeypatch.setattr(melora_layer, "DENSE_MIN_TOKENS_PER_RANK", 4)
+    monkeypatch.setattr(melora_layer, "CPU_BF16_DTYPES", (torch.bfloat16,))
+    monkeypatch.setattr(melora_layer, "GROUPS_MAX_RANK", 64)
     return choose_path
 
 
@@ -118,11 +120,18 @@ def rule(monkeypatch):
         (768, 4, 8, 4096, torch.float32, "cpu", True, "fused_dense"),  # n·r = 32
         (768, 8, 8, 4096, torch.float32, "cpu", True, "fused"),  # n·r = 64 > 32
         (768, 64, 1, 4096, torch.float32, "cpu", True, "fused"),
-        (768, 64, 8, 16, torch.bfloat16, "cpu", True, "fused"),
+        (768, 64, 8, 16, torch.float16, "cpu", True, "fused"),  # fp16 follows the fp32 rule
         # CPU without gradients: bmm, dense at n = 1
         (768, 1, 8, 512, torch.float32, "cpu", False, "dense"),  # n = 1 is plain LoRA
         (768, 4, 2, 512, torch.float32, "cpu", False, "bmm"),
-        (4096, 64, 1, 4096, torch.bfloat16, "cpu", False, "bmm"),
+        # CPU bf16: LoRA's dense pair up to n·r = 64, then groups of rank ≤ 64
+        (768, 1, 8, 4096, torch.bfloat16, "cpu", True, "fused_dense"),
+        (768, 8, 1, 512, torch.bfloat16, "cpu", True, "fused_dense"),  # fp32 would take "fused_blocks"
+        (4096, 8, 8, 512, torch.bfloat16, "cpu", True, "fused_dense"),  # n·r = 64
+        (4096, 64, 2, 512, torch.bfloat16, "cpu", True, "fused_groups"),  # n·r = 128 > 64
+        (768, 64, 8, 16, torch.bfloat16, "cpu", True, "fused_groups"),
+        (4096, 64, 1, 4096, torch.bfloat16, "cpu", False, "dense"),
+        (4096, 64, 8, 4096, torch.bfloat16, "cpu", False, "fused_groups"),
         # other devices: the roofline guess
         (4096, 1, 64, 1, torch.bfloat16, "cuda", False, "dense"),
         (4096, 64, 1, 4096, torch.bfloat16, "cuda", True, "dense"),  # 2·n·r = 128 ≤ 64·2
@@ -150,7 +159,7 @@ def test_layer_asks_the_rule_with_its_call(rule):
     frozen = MELoRALinear(nn.Linear(64, 64), n=8, r=4).requires_grad_(False)
     assert frozen.path_for(x) == "bmm"  # nothing needs a gradient: an inference call
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert layer.path_for(x) == "fused"
+        assert layer.path_for(x) == "fused_dense"  # the rule sees autocast's dtype: bf16, n·r = 64
 
 
 def test_fused_needs_a_plain_frozen_base(rule):
@@ -169,5 +178,27 @@ def test_fused_needs_a_plain_frozen_base(rule):
     with pytest.raises(ValueError, match="path='fused' needs a frozen nn.Linear or Conv1D without hooks"):
         layer(x)
     layer.path = "loop"
-    with pytest.raises(ValueError, match=r"path='loop' is unknown; set layer.path to 'auto' or one of \('bmm', 'dense', 'fused', 'fused_dense', 'fused_blocks'\)"):
+    with pytest.raises(ValueError, match=r"path='loop' is unknown; set layer.path to 'auto' or one of \('bmm', 'dense', 'fused', 'fused_dense', 'fused_blocks', 'fused_groups'\)"):
         layer(x)
+
+
+@pytest.mark.parametrize(
+    "n,r,max_rank,expected",
+    [(1, 8, 64, 1), (8, 8, 64, 1), (64, 8, 64, 8), (64, 2, 64, 2), (16, 8, 64, 2), (8, 3, 5, 8), (12, 2, 8, 3), (4, 128, 64, 4)],
+)
+def test_group_count_is_the_fewest_groups_within_the_rank(n, r, max_rank, expected):
+    assert group_count(n, r, max_rank) == expected
+    assert n % expected == 0 and ((n // expected) * r <= max_rank or expected == n)
+
+
+@pytest.mark.parametrize("max_rank", [1, 2, 4, 8, 16])
+@pytest.mark.parametrize("n,r", [(8, 2), (4, 1), (8, 1), (4, 3)])
+def test_fused_groups_matches_dense_float64_at_every_group_count(monkeypatch, n, r, max_rank):
+    """``GROUPS_MAX_RANK`` sets the groups; every count from 1 (dense) to n (blocks) is exact."""
+    monkeypatch.setattr(melora_layer, "GROUPS_MAX_RANK", max_rank)
+    layer = random_layer(48, 96, n, r, torch.float64)
+    layer.path = "fused_groups"
+    x = torch.randn(2, 5, 48, dtype=torch.float64)
+    upstream = torch.randn(2, 5, 96, dtype=torch.float64)
+    for got, want in zip(run(layer, x, upstream), reference(layer, x, upstream=upstream)):
+        torch.testing.assert_close(got, want.detach(), rtol=1e-12, atol=1e-12)
