@@ -540,7 +540,9 @@ class _FusedMELoRA(torch.autograd.Function):
         A = lora_A.to(adapter_dtype)
         B = lora_B.to(result.dtype)
         if groups:
-            hiddens = tuple(((xa_j @ A_j.T) * scaling).to(result.dtype) for xa_j, A_j in zip(_column_blocks(xa, groups), _group_factors(A, groups)))  # groups × (T, n·r/groups)
+            hiddens = tuple(
+                ((xa_j @ A_j.T) * scaling).to(result.dtype) for xa_j, A_j in zip(_column_blocks(xa, groups), _group_factors(A, groups))
+            )  # groups × (T, n·r/groups)
             result = _addmm_column_blocks(result, hiddens, [B_j.T for B_j in _group_factors(B, groups)])
         else:
             hidden = torch.bmm(xa.reshape(-1, n, k).transpose(0, 1), A.transpose(1, 2)) * scaling  # (n, T, r)
@@ -602,7 +604,9 @@ def _groups_backward(g, xa, A, B, hiddens, scaling, need_A, need_B):
     A_groups = _group_factors(A, groups)  # groups × (n·r/groups, d_in/groups)
     g_blocks = _column_blocks(g, groups)  # groups × (T, d_out/groups), views
     grad_hidden = [((g_j @ B_j) * scaling).to(A.dtype) for g_j, B_j in zip(g_blocks, _group_factors(B, groups))]  # groups × (T, n·r/groups)
-    grad_A = torch.cat([_diagonal_blocks(gh.T @ xa_j, minis) for gh, xa_j in zip(grad_hidden, _column_blocks(xa, groups))]) if need_A else None
+    grad_A = (
+        torch.cat([_diagonal_blocks(gh.T @ xa_j, minis) for gh, xa_j in zip(grad_hidden, _column_blocks(xa, groups))]) if need_A else None
+    )
     grad_B = torch.cat([_diagonal_blocks(g_j.T @ h, minis) for g_j, h in zip(g_blocks, hiddens)]) if need_B else None
 
     def add_input_grad(out):

@@ -178,7 +178,10 @@ def test_fused_needs_a_plain_frozen_base(rule):
     with pytest.raises(ValueError, match="path='fused' needs a frozen nn.Linear or Conv1D without hooks"):
         layer(x)
     layer.path = "loop"
-    with pytest.raises(ValueError, match=r"path='loop' is unknown; set layer.path to 'auto' or one of \('bmm', 'dense', 'fused', 'fused_dense', 'fused_blocks', 'fused_groups'\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"path='loop' is unknown; set layer.path to 'auto' or one of \('bmm', 'dense', 'fused', 'fused_dense', 'fused_blocks', 'fused_groups'\)",
+    ):
         layer(x)
 
 
