@@ -50,19 +50,25 @@ test-slow: $(VENV)/.installed ## Run only the slow end-to-end tests
 # d=4096 with T=4096 costs ~4 s per fp32 call of the frozen layer on 2 cores; add it with LAYER_WIDE=…,4096x4096.
 LAYER_SHAPES ?= 768x512,768x4096
 LAYER_WIDE ?= 4096x512
-LOCKSTEP := --lockstep --min-reps 25 --max-reps 25 --n 1,2,4,8,16,64 --r 1,2,8
-bench-layer: $(VENV)/.installed ## Issue-12 targets: MELoRALinear vs PEFT LoRA vs the per-mini-LoRA loop, paired lockstep rounds, 2 and 1 threads -> results/bench/layer*-lockstep.{csv,md}
-	$(BENCH_ENV) $(PY) scripts/bench_layer.py --out results/bench --name layer-lockstep --shapes $(LAYER_SHAPES) $(LOCKSTEP) --threads 2
-	$(BENCH_ENV) OMP_NUM_THREADS=1 $(PY) scripts/bench_layer.py --out results/bench --name layer-1thread-lockstep --shapes $(LAYER_SHAPES) $(LOCKSTEP) --threads 1
-	$(BENCH_ENV) $(PY) scripts/bench_layer.py --out results/bench --name layer-d4096-lockstep --shapes $(LAYER_WIDE) --modes fwdbwd $(LOCKSTEP) --threads 2
-	$(BENCH_ENV) OMP_NUM_THREADS=1 $(PY) scripts/bench_layer.py --out results/bench --name layer-1thread-d4096-lockstep --shapes $(LAYER_WIDE) --modes fwdbwd $(LOCKSTEP) --threads 1
-	$(BENCH_ENV) $(PY) scripts/bench_layer.py --out results/bench --name layer-d4096-fwd-lockstep --shapes $(LAYER_WIDE) --modes fwd $(LOCKSTEP) --threads 2
-	$(BENCH_ENV) OMP_NUM_THREADS=1 $(PY) scripts/bench_layer.py --out results/bench --name layer-1thread-d4096-fwd-lockstep --shapes $(LAYER_WIDE) --modes fwd $(LOCKSTEP) --threads 1
+# LAYER_DTYPE=bf16 runs the same benchmarks in bf16 into results/bench/layer*-bf16*.{csv,md} (the rule has a bf16 branch).
+LAYER_DTYPE ?= fp32
+LAYER_TAG := $(if $(filter fp32,$(LAYER_DTYPE)),,-$(LAYER_DTYPE))
+LOCKSTEP := --lockstep --min-reps 25 --max-reps 25 --n 1,2,4,8,16,64 --r 1,2,8 --dtype $(LAYER_DTYPE)
+bench-layer: $(VENV)/.installed ## Issue-12 targets: MELoRALinear vs PEFT LoRA vs the per-mini-LoRA loop, paired lockstep rounds, 2 and 1 threads (LAYER_DTYPE=bf16 for bf16) -> results/bench/layer*-lockstep.{csv,md}
+	$(BENCH_ENV) $(PY) scripts/bench_layer.py --out results/bench --name layer$(LAYER_TAG)-lockstep --shapes $(LAYER_SHAPES) $(LOCKSTEP) --threads 2
+	$(BENCH_ENV) OMP_NUM_THREADS=1 $(PY) scripts/bench_layer.py --out results/bench --name layer-1thread$(LAYER_TAG)-lockstep --shapes $(LAYER_SHAPES) $(LOCKSTEP) --threads 1
+	$(BENCH_ENV) $(PY) scripts/bench_layer.py --out results/bench --name layer$(LAYER_TAG)-d4096-lockstep --shapes $(LAYER_WIDE) --modes fwdbwd $(LOCKSTEP) --threads 2
+	$(BENCH_ENV) OMP_NUM_THREADS=1 $(PY) scripts/bench_layer.py --out results/bench --name layer-1thread$(LAYER_TAG)-d4096-lockstep --shapes $(LAYER_WIDE) --modes fwdbwd $(LOCKSTEP) --threads 1
+	$(BENCH_ENV) $(PY) scripts/bench_layer.py --out results/bench --name layer$(LAYER_TAG)-d4096-fwd-lockstep --shapes $(LAYER_WIDE) --modes fwd $(LOCKSTEP) --threads 2
+	$(BENCH_ENV) OMP_NUM_THREADS=1 $(PY) scripts/bench_layer.py --out results/bench --name layer-1thread$(LAYER_TAG)-d4096-fwd-lockstep --shapes $(LAYER_WIDE) --modes fwd $(LOCKSTEP) --threads 1
 
 .PHONY: bench-paths
-bench-paths: $(VENV)/.installed ## Calibrate the layer's cost rule: every forced formulation, d=768, 2 and 1 threads -> results/bench/layer{,-1thread}.{csv,md}
-	$(BENCH_ENV) $(PY) scripts/bench_layer.py --out results/bench --name layer --shapes $(LAYER_SHAPES) --paths --budget 0.6 --threads 2
-	$(BENCH_ENV) OMP_NUM_THREADS=1 $(PY) scripts/bench_layer.py --out results/bench --name layer-1thread --shapes $(LAYER_SHAPES) --paths --budget 0.8 --threads 1
+# The fp32 calibration files (layer.md, layer-1thread.md) come from the earlier, non-lockstep form of this
+# target (--budget 0.6 / 0.8, d=768); their headers give the exact commands.
+PATHS_RUN := --paths --lockstep --min-reps 15 --max-reps 15 --n 1,2,4,8,16,64 --r 1,2,8 --dtype $(LAYER_DTYPE)
+bench-paths: $(VENV)/.installed ## Calibrate the layer's cost rule: every forced formulation, d=768 and 4096, 2 and 1 threads (LAYER_DTYPE=bf16 for bf16) -> results/bench/layer{,-1thread}$(LAYER_TAG)-paths.{csv,md}
+	$(BENCH_ENV) $(PY) scripts/bench_layer.py --out results/bench --name layer$(LAYER_TAG)-paths --shapes $(LAYER_SHAPES),$(LAYER_WIDE) $(PATHS_RUN) --threads 2
+	$(BENCH_ENV) OMP_NUM_THREADS=1 $(PY) scripts/bench_layer.py --out results/bench --name layer-1thread$(LAYER_TAG)-paths --shapes $(LAYER_SHAPES),$(LAYER_WIDE) $(PATHS_RUN) --threads 1
 
 .PHONY: bench-gpu
 bench-gpu: $(VENV)/.installed ## On one CUDA GPU, bf16 (< 5 min): layer grid + roberta-base/LLaMA-layer steps vs PEFT LoRA -> results/bench/gpu.{csv,md}
