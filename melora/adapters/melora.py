@@ -78,11 +78,13 @@ CPU_DENSE_MAX_RANK = 32  # n ≥ 2, n·r ≤ this, with gradients: "fused_dense"
 # pair at rank n·r costs about what rank r costs, while the batched products (bmm with inner
 # dimensions r and d/n) do not use the tiles: "fused" ran 1.1-1.9 x PEFT LoRA rank n·r and "fused_blocks"
 # up to 1.5 x at n = 8, r = 1, but "fused_dense" 0.73-0.98 x in every fwd+bwd config at d = 768 (2
-# threads). Past n·r = 64 the dense pair's extra multiply-adds show at d = 4096 (n = 64, r = 8: 1.32 x
-# PEFT LoRA rank r), and groups of rank 64-128 were fastest (1 thread: 0.98 x, 2 threads: 1.07 x),
-# so "fused_groups" with GROUPS_MAX_RANK = 64 (its g = 1, "fused_dense", up to n·r = 64).
+# threads). Past n·r = 128 the dense pair's extra multiply-adds show (d = 4096, n = 64, r = 8: 1.16-1.25 x
+# PEFT LoRA rank r), and groups of rank 64-128 were fastest there (0.98-1.02 x); at 512 tokens and
+# d = 768 groups of rank 64 lose to rank 128 (n = 64, r = 2: 1.07 x PEFT LoRA rank 128 against 0.94-0.96 x;
+# n = 64, r = 8: 1.17 x against 0.87 x, 2 threads; layer-bf16-paths.md and a side-by-side rerun),
+# so "fused_groups" with GROUPS_MAX_RANK = 128 (its g = 1, "fused_dense", up to n·r = 128).
 CPU_BF16_DTYPES = (torch.bfloat16,)
-GROUPS_MAX_RANK = 64  # the largest rank of one group's dense GEMM pair in "fused_groups" (group_count)
+GROUPS_MAX_RANK = 128  # the largest rank of one group's dense GEMM pair in "fused_groups" (group_count)
 CALIBRATED_DEVICES = ("cpu",)
 # Other devices (cuda, mps, …): a roofline guess, UNCALIBRATED until `make bench-gpu` runs on one.
 # FLOP per byte of memory traffic below which a GEMM is memory-bound. The dense pair does

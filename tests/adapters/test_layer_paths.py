@@ -102,7 +102,7 @@ def rule(monkeypatch):
     monkeypatch.setattr(melora_layer, "DEFAULT_MACHINE_BALANCE", 8.0)
     monkeypatch.setattr(melora_layer, "DENSE_MIN_TOKENS_PER_RANK", 4)
     monkeypatch.setattr(melora_layer, "CPU_BF16_DTYPES", (torch.bfloat16,))
-    monkeypatch.setattr(melora_layer, "GROUPS_MAX_RANK", 64)
+    monkeypatch.setattr(melora_layer, "GROUPS_MAX_RANK", 128)
     return choose_path
 
 
@@ -124,11 +124,12 @@ def rule(monkeypatch):
         # CPU without gradients: bmm, dense at n = 1
         (768, 1, 8, 512, torch.float32, "cpu", False, "dense"),  # n = 1 is plain LoRA
         (768, 4, 2, 512, torch.float32, "cpu", False, "bmm"),
-        # CPU bf16: LoRA's dense pair up to n·r = 64, then groups of rank ≤ 64
+        # CPU bf16: LoRA's dense pair up to n·r = 128, then groups of rank ≤ 128
         (768, 1, 8, 4096, torch.bfloat16, "cpu", True, "fused_dense"),
         (768, 8, 1, 512, torch.bfloat16, "cpu", True, "fused_dense"),  # fp32 would take "fused_blocks"
         (4096, 8, 8, 512, torch.bfloat16, "cpu", True, "fused_dense"),  # n·r = 64
-        (4096, 64, 2, 512, torch.bfloat16, "cpu", True, "fused_groups"),  # n·r = 128 > 64
+        (4096, 64, 2, 512, torch.bfloat16, "cpu", True, "fused_dense"),  # n·r = 128
+        (4096, 64, 4, 512, torch.bfloat16, "cpu", True, "fused_groups"),  # n·r = 256 > 128
         (768, 64, 8, 16, torch.bfloat16, "cpu", True, "fused_groups"),
         (4096, 64, 1, 4096, torch.bfloat16, "cpu", False, "dense"),
         (4096, 64, 8, 4096, torch.bfloat16, "cpu", False, "fused_groups"),
