@@ -25,7 +25,11 @@ Variants, all sharing one frozen base layer per ``(d, T)``:
   scaled, ``torch.cat``-ed and added in place to the base output (what the
   authors' PEFT-0.5 fork does);
 * ``block_diag``: the dense ``ΔW = blockdiag(B_i A_i)`` built every forward;
-* ``melora_merged`` (``fwd`` only): ``MELoRALinear`` after ``.merge()``.
+* ``melora_merged`` (``fwd`` only): ``MELoRALinear`` after ``.merge()``;
+* ``merged_linear`` (``fwd`` only): the merged layer's own frozen ``nn.Linear``
+  (``melora_merged.base_layer``, the merged weight) called alone, the
+  denominator of target 3: the same weight memory, so the ratio is what the
+  merged wrapper adds, not where its (copied) weight sits in the caches.
 
 How: every module of one ``(device, dtype, d, T, mode)`` group is timed
 round-robin, one call each per round, so load from other processes falls on
@@ -52,15 +56,15 @@ Each paired median comes with a distribution-free 95 % interval (order
 statistics of the per-round ratios, binomial with p = 1/2), and the targets
 are judged on it as well (``paired_vs_*`` columns, the *paired* report lines).
 
-``base`` and ``melora_merged`` (merged at the largest ``n``, ``r``) are
-measured once per group, PEFT once per rank, and each measurement is repeated
+``base``, ``melora_merged`` (merged at the largest ``n``, ``r``) and
+``merged_linear`` are measured once per group, PEFT once per rank, and each measurement is repeated
 on every row it answers.
 
 Outputs: ``<out>/layer.csv`` (one row per config, variant and mode; ``path``:
 the formulation ``MELoRALinear``'s cost rule picked, on ``melora`` rows;
 with ``--lockstep``, ``paired_vs_peft_nr``, ``paired_vs_loop``,
-``paired_vs_peft_r`` on ``melora`` rows and ``paired_vs_base`` on
-``melora_merged`` rows, each with its interval ``_lo`` / ``_hi``, empty
+``paired_vs_peft_r`` on ``melora`` rows and ``paired_vs_merged_linear``,
+``paired_vs_base`` on ``melora_merged`` rows, each with its interval ``_lo`` / ``_hi``, empty
 otherwise) and ``<out>/layer.md`` (hardware, allocator, tables, and PASS/FAIL
 per target).
 
@@ -107,17 +111,38 @@ MIN_REPS = {"base": 5, "block_diag": 1}  # block_diag is a reference, never a ta
 DEFAULT_MIN_REPS = 3
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 MELORA_PATH_VARIANTS = [f"melora_{path}" for path in PATHS]  # with --paths
-VARIANT_ORDER = ["base", "melora", *MELORA_PATH_VARIANTS, "peft_lora_nr", "peft_lora_r", "mini_loop", "block_diag", "melora_merged"]
+VARIANT_ORDER = [
+    "base",
+    "melora",
+    *MELORA_PATH_VARIANTS,
+    "peft_lora_nr",
+    "peft_lora_r",
+    "mini_loop",
+    "block_diag",
+    "melora_merged",
+    "merged_linear",
+]
 # --lockstep: column on the first variant's rows <- median over rounds of its sample / the second variant's.
 PAIRED = {
     "paired_vs_peft_nr": ("melora", "peft_lora_nr"),
     "paired_vs_loop": ("melora", "mini_loop"),
     "paired_vs_peft_r": ("melora", "peft_lora_r"),
+    "paired_vs_merged_linear": ("melora_merged", "merged_linear"),
     "paired_vs_base": ("melora_merged", "base"),
 }
 PAIRED_CI_LEVEL = 0.95
 # --lockstep: within a round, the modules a target compares run next to each other.
-LOCKSTEP_ORDER = ["base", "melora_merged", "peft_lora_nr", "melora", "mini_loop", "peft_lora_r", *MELORA_PATH_VARIANTS, "block_diag"]
+LOCKSTEP_ORDER = [
+    "base",
+    "merged_linear",
+    "melora_merged",
+    "peft_lora_nr",
+    "melora",
+    "mini_loop",
+    "peft_lora_r",
+    *MELORA_PATH_VARIANTS,
+    "block_diag",
+]
 CSV_FIELDS = ["device", "dtype", "d", "n", "r", "T", "variant", "mode", "ms", "ratio_to_base", "min_ms", "reps", "spread_pct", "path",
               *(f"{column}{end}" for column in PAIRED for end in ("", "_lo", "_hi"))]  # fmt: skip
 
@@ -319,6 +344,7 @@ def build_modules(base: nn.Linear, ns: list[int], rs: list[int], mode: str, path
         randomise_adapter(merged)
         merged.merge()
         modules[("merged",)] = merged
+        modules[("merged_linear",)] = merged.base_layer
     return modules
 
 
@@ -354,6 +380,7 @@ def variant_jobs(n: int, r: int, mode: str, paths: bool = False) -> dict[str, tu
     }
     if mode == "fwd":
         keys["melora_merged"] = ("merged",)
+        keys["merged_linear"] = ("merged_linear",)
     return keys
 
 
@@ -509,7 +536,7 @@ def evaluate_targets(rows: list[dict], noise_tol: float, stat: str = "ms") -> li
     vs_peft, vs_loop, vs_peft_r = [], [], []
     merged_vs_base: dict[tuple, tuple] = {}
     for config in table.configs:
-        merged = ratio(config, "melora_merged", "base", "fwd")
+        merged = ratio(config, "melora_merged", "merged_linear", "fwd")
         if merged is not None:  # measured once per (d, T): one value per group
             merged_vs_base[config[:3] + config[5:]] = merged
         vs_peft.append(ratio(config, "melora", "peft_lora_nr"))
@@ -538,7 +565,7 @@ def evaluate_targets(rows: list[dict], noise_tol: float, stat: str = "ms") -> li
         check("2. MELoRA(n,r) ≤ 1.05 × PEFT LoRA rank r at d=4096, fwd+bwd", worst_of(vs_peft_r), 1.05,
               detail("MELoRA/PEFT (same parameters)", vs_peft_r, 1.05)),
         check("3. merged MELoRA inference ≤ 1.05 × base, fwd", worst_of(groups), 1.05,
-              detail(f"merged/base over {len(groups)} (d, T) groups", groups, 1.05, counts=False)),
+              detail(f"merged/its frozen linear over {len(groups)} (d, T) groups", groups, 1.05, counts=False)),
     ]  # fmt: skip
 
 
@@ -630,7 +657,10 @@ def paired_table(rows: list[dict]) -> str:
             out.write(f"| {row['n']} | {row['r']} | " + " | ".join(cell(row, c) for c in columns) + " |\n")
     merged = next((row for row in rows if row["variant"] == "melora_merged"), None)
     if merged is not None:
-        out.write(f"\nmelora_merged/base: {cell(merged, 'paired_vs_base')}\n")
+        out.write(
+            f"\nmelora_merged/merged_linear: {cell(merged, 'paired_vs_merged_linear')}; "
+            f"melora_merged/base: {cell(merged, 'paired_vs_base')}\n"
+        )
     return out.getvalue()
 
 
@@ -676,17 +706,19 @@ def render_markdown(rows: list[dict], targets: list[dict], args, wall_s: float, 
     out.write(
         f"- Method: {method}; "
         f"input {SEQ_LEN}-token sequences; `fwd` = inference under no_grad, `fwdbwd` = forward + backward "
-        f"with the input requiring grad; α = {ALPHA:g}, s = α/r, dropout 0. `base` and `melora_merged` "
-        "(merged at the largest n, r) are measured once per (d, T), PEFT once per rank, and repeated on each row "
-        "they answer.\n\n"
+        f"with the input requiring grad; α = {ALPHA:g}, s = α/r, dropout 0. `base`, `melora_merged` "
+        "(merged at the largest n, r) and `merged_linear` (its own frozen nn.Linear, the merged weight: target 3's "
+        "denominator) are measured once per (d, T), PEFT once per rank, and repeated on each row they answer.\n\n"
     )
     out.write("## Targets (full layer)\n\n")
     for t in targets:
         out.write(f"- **{t['status']}** {t['name']}: {t['text']}. *{t['fastest']}*\n")
         if "paired" in t:
             out.write(f"  - *{t['paired']}*\n")
-    out.write("\n## Timings\n\nCells: ms (ratio to the frozen base layer in the same run); path: the formulation MELoRALinear chose "
-              "(melora.adapters.melora.choose_path).\n")
+    out.write(
+        "\n## Timings\n\nCells: ms (ratio to the frozen base layer in the same run); path: the formulation MELoRALinear chose "
+        "(melora.adapters.melora.choose_path).\n"
+    )
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
         groups.setdefault((row["device"], row["dtype"], row["d"], row["T"], row["mode"]), []).append(row)
@@ -758,14 +790,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )  # fmt: skip
     p.add_argument("--budget", type=float, default=1.0, help="seconds of samples per module (default 1.0)")
     p.add_argument("--max-reps", type=int, default=40)
-    p.add_argument("--min-reps", type=int, default=DEFAULT_MIN_REPS, help=f"samples per module at least, whatever the budget (default {DEFAULT_MIN_REPS}); more for slow calls")
+    p.add_argument(
+        "--min-reps",
+        type=int,
+        default=DEFAULT_MIN_REPS,
+        help=f"samples per module at least, whatever the budget (default {DEFAULT_MIN_REPS}); more for slow calls",
+    )
     p.add_argument(
         "--lockstep", action="store_true",
         help="every module of a group gets the same samples, one per round (warm-ups not kept), and targets are also "
              "judged on paired ratios: the median over rounds of the per-round ratio, with a 95%% interval",
     )  # fmt: skip
-    p.add_argument("--modes", type=lambda text: [m for m in text.split(",") if m], default=["fwd", "fwdbwd"],
-                   help="fwd (inference; the merged target) and/or fwdbwd (training; targets 1-2), comma-separated")
+    p.add_argument(
+        "--modes",
+        type=lambda text: [m for m in text.split(",") if m],
+        default=["fwd", "fwdbwd"],
+        help="fwd (inference; the merged target) and/or fwdbwd (training; targets 1-2), comma-separated",
+    )
     p.add_argument("--paths", action="store_true", help="also time MELoRALinear with each formulation forced (calibrates its cost rule)")
     p.add_argument("--noise-tol", type=float, default=0.03, help="timing-noise allowance of target 1 (default 0.03)")
     args = p.parse_args(argv)

@@ -33,8 +33,14 @@ def fake_rows(melora_ms: dict | None = None):
     for d in (768, 4096):
         for n, r in ((1, 1), (2, 8), (8, 1)):
             for mode in ("fwd", "fwdbwd"):
-                variants = {"base": 0.5, "melora": melora_ms.get((d, n, r, mode), 0.99), "peft_lora_nr": 1.0, "peft_lora_r": 1.0,
-                            "mini_loop": 1.0, **({"melora_merged": 0.5} if mode == "fwd" else {})}
+                variants = {
+                    "base": 0.5,
+                    "melora": melora_ms.get((d, n, r, mode), 0.99),
+                    "peft_lora_nr": 1.0,
+                    "peft_lora_r": 1.0,
+                    "mini_loop": 1.0,
+                    **({"melora_merged": 0.5, "merged_linear": 0.5} if mode == "fwd" else {}),
+                }
                 for variant, ms in variants.items():
                     rows.append({"device": "cpu", "dtype": "fp32", "d": d, "n": n, "r": r, "T": 512, "variant": variant,
                                  "mode": mode, "ms": ms, "min_ms": ms})  # fmt: skip
@@ -53,13 +59,49 @@ def test_targets_are_the_issues_and_name_the_worst_config():
     assert bench.evaluate_targets(fake_rows({(768, 8, 1, "fwdbwd"): 1.02}), noise_tol=0.03)[0]["status"] == "PASS"  # within noise
 
 
+def test_merged_target_is_judged_against_the_merged_layers_own_linear():
+    """Target 3 divides by ``merged_linear`` (the same weight memory), not by the shared ``base``."""
+    rows = fake_rows()
+    for row in rows:
+        if row["variant"] == "base":
+            row["ms"] = row["min_ms"] = 0.4  # a cache-hot shared weight: merged/base = 1.25
+    assert bench.evaluate_targets(rows, noise_tol=0.03)[3]["status"] == "PASS"
+    for row in rows:
+        if row["variant"] == "melora_merged" and row["d"] == 768:
+            row["ms"] = row["min_ms"] = 0.53  # 1.06 x its own linear
+    target = bench.evaluate_targets(rows, noise_tol=0.03)[3]
+    assert target["status"] == "FAIL" and "worst 1.060" in target["text"] and "merged/its frozen linear" in target["text"]
+
+
 def test_a_toy_run_writes_named_reports_for_the_shapes_asked(tmp_path, monkeypatch):
     monkeypatch.setattr(bench, "MIN_REPS", {"base": 1, "block_diag": 1})
     monkeypatch.setattr(bench, "DEFAULT_MIN_REPS", 1)
     threads = torch.get_num_threads()
     try:
-        assert bench.main(["--out", str(tmp_path), "--name", "toy", "--shapes", "32x64", "--n", "1,4", "--r", "2",
-                           "--paths", "--budget", "0.001", "--max-reps", "2", "--threads", "1"]) == 0
+        assert (
+            bench.main(
+                [
+                    "--out",
+                    str(tmp_path),
+                    "--name",
+                    "toy",
+                    "--shapes",
+                    "32x64",
+                    "--n",
+                    "1,4",
+                    "--r",
+                    "2",
+                    "--paths",
+                    "--budget",
+                    "0.001",
+                    "--max-reps",
+                    "2",
+                    "--threads",
+                    "1",
+                ]
+            )
+            == 0
+        )
     finally:
         torch.set_num_threads(threads)  # main() sets the process's thread count
     rows = list(csv.DictReader((tmp_path / "toy.csv").open()))
@@ -74,8 +116,29 @@ def test_min_reps_gives_every_timed_module_that_many_samples(tmp_path, monkeypat
     """--min-reps overrides a budget too small for slow calls; block_diag, a reference, keeps its one sample."""
     threads = torch.get_num_threads()
     try:
-        assert bench.main(["--out", str(tmp_path), "--name", "toy", "--shapes", "32x64", "--n", "1,4", "--r", "2",
-                           "--budget", "0.000001", "--min-reps", "6", "--threads", "1"]) == 0
+        assert (
+            bench.main(
+                [
+                    "--out",
+                    str(tmp_path),
+                    "--name",
+                    "toy",
+                    "--shapes",
+                    "32x64",
+                    "--n",
+                    "1,4",
+                    "--r",
+                    "2",
+                    "--budget",
+                    "0.000001",
+                    "--min-reps",
+                    "6",
+                    "--threads",
+                    "1",
+                ]
+            )
+            == 0
+        )
     finally:
         torch.set_num_threads(threads)
     rows = list(csv.DictReader((tmp_path / "toy.csv").open()))
@@ -126,8 +189,12 @@ def test_lockstep_order_puts_each_target_pair_together_and_covers_the_group():
         assert len(order) == len(set(order))
         assert set(order) == set(bench.build_modules(base, [1, 4], [2], mode, paths=True))
     order = bench.lockstep_order([1, 4], [2], "fwd")
-    assert order[:2] == [("base",), ("merged",)]
-    assert order[order.index(("melora", 4, 2)) - 1 : order.index(("melora", 4, 2)) + 2] == [("peft", 8), ("melora", 4, 2), ("mini_loop", 4, 2)]
+    assert order[:3] == [("base",), ("merged_linear",), ("merged",)]
+    assert order[order.index(("melora", 4, 2)) - 1 : order.index(("melora", 4, 2)) + 2] == [
+        ("peft", 8),
+        ("melora", 4, 2),
+        ("mini_loop", 4, 2),
+    ]
 
 
 def test_paired_ratio_is_the_median_of_per_round_ratios():
@@ -142,10 +209,13 @@ def test_paired_ratio_is_the_median_of_per_round_ratios():
 
 def test_group_rows_of_a_lockstep_run_carry_the_paired_ratios():
     samples = {("base",): [1.0, 2.0, 1.0, 1.0, 1.0, 1.0], ("merged",): [1.0, 2.2, 0.9, 1.0, 1.1, 1.0],
+               ("merged_linear",): [0.5, 1.1, 0.45, 0.5, 0.55, 0.5],
                ("melora", 2, 1): [2.0, 4.0, 3.0, 8.0, 5.0, 6.0], ("peft", 2): [1.0, 4.0, 2.0, 4.0, 5.0, 3.0],
                ("peft", 1): [2.0, 4.0, 3.0, 8.0, 5.0, 6.0], ("mini_loop", 2, 1): [4.0, 8.0, 6.0, 16.0, 10.0, 12.0],
                ("block_diag", 2, 1): [9.0] * 6}  # fmt: skip
-    jobs = {key: bench.Job(key=key, call=None, reset=None, min_reps=1, samples=[s / 1e3 for s in values]) for key, values in samples.items()}
+    jobs = {
+        key: bench.Job(key=key, call=None, reset=None, min_reps=1, samples=[s / 1e3 for s in values]) for key, values in samples.items()
+    }
     args = SimpleNamespace(n=[2], r=[1], paths=False, lockstep=True)
     rows = {row["variant"]: row for row in bench.group_rows("cpu", "fp32", 16, 64, "fwd", jobs, args)}
     melora = rows["melora"]
@@ -154,6 +224,8 @@ def test_group_rows_of_a_lockstep_run_carry_the_paired_ratios():
     assert melora["paired_vs_peft_r"] == 1.0
     assert rows["melora_merged"]["paired_vs_base"] == 1.0  # ratios 1, 1.1, 0.9, 1, 1.1, 1
     assert (rows["melora_merged"]["paired_vs_base_lo"], rows["melora_merged"]["paired_vs_base_hi"]) == (0.9, 1.1)
+    assert rows["melora_merged"]["paired_vs_merged_linear"] == 2.0  # every round 2 x
+    assert "paired_vs_merged_linear" not in rows["merged_linear"]
     assert not any(column.startswith("paired") for variant in ("base", "peft_lora_nr", "block_diag") for column in rows[variant])
     args.lockstep = False
     assert not any(column.startswith("paired") for row in bench.group_rows("cpu", "fp32", 16, 64, "fwd", jobs, args) for column in row)
@@ -168,7 +240,7 @@ def paired_rows(paired: dict | None = None):
     for row in rows:
         for column, (variant, _) in bench.PAIRED.items():
             if row["variant"] == variant:
-                default = (1.0, 0.98, 1.02) if column == "paired_vs_base" else (0.99, 0.97, 1.01)
+                default = (1.0, 0.98, 1.02) if column in ("paired_vs_base", "paired_vs_merged_linear") else (0.99, 0.97, 1.01)
                 value = paired.get((row["d"], row["n"], row["r"], column), paired.get((row["d"], column), default))
                 row.update(zip((column, f"{column}_lo", f"{column}_hi"), value))
     return rows
@@ -178,10 +250,15 @@ def test_paired_targets_judge_the_paired_columns_and_say_if_a_fail_is_beyond_noi
     targets = bench.evaluate_targets(paired_rows(), noise_tol=0.03, stat="paired")
     assert [t["status"] for t in targets] == ["PASS"] * 4, targets
     assert "paired ratio MELoRA/PEFT, 95 % interval at the worst [0.970, 1.010]" in targets[0]["text"]
-    slow = paired_rows({(768, 8, 1, "paired_vs_peft_nr"): (1.04, 1.01, 1.07),  # FAIL, but within noise
-                        (4096, 2, 8, "paired_vs_loop"): (1.06, 1.04, 1.08),  # FAIL beyond noise
-                        (4096, 1, 1, "paired_vs_peft_r"): (1.049, 1.02, 1.08),
-                        (768, "paired_vs_base"): (1.06, 1.055, 1.07)})  # fmt: skip
+    slow = paired_rows(
+        {
+            (768, 8, 1, "paired_vs_peft_nr"): (1.04, 1.01, 1.07),  # FAIL, but within noise
+            (4096, 2, 8, "paired_vs_loop"): (1.06, 1.04, 1.08),  # FAIL beyond noise
+            (4096, 1, 1, "paired_vs_peft_r"): (1.049, 1.02, 1.08),
+            (768, "paired_vs_merged_linear"): (1.06, 1.055, 1.07),
+            (4096, "paired_vs_base"): (1.2, 1.1, 1.3),
+        }
+    )  # reported, not judged; fmt: skip
     targets = bench.evaluate_targets(slow, noise_tol=0.03, stat="paired")
     assert [t["status"] for t in targets] == ["FAIL", "FAIL", "PASS", "FAIL"], targets
     assert "worst 1.040" in targets[0]["text"] and "d=768 n=8 r=1" in targets[0]["text"]
@@ -204,8 +281,32 @@ def test_a_toy_lockstep_run_writes_the_paired_columns(tmp_path, monkeypatch):
     monkeypatch.setattr(bench, "MIN_REPS", {"base": 1, "block_diag": 1})
     threads = torch.get_num_threads()
     try:
-        assert bench.main(["--out", str(tmp_path), "--name", "toy", "--shapes", "32x64", "--n", "1,4", "--r", "2",
-                           "--budget", "0.000001", "--min-reps", "6", "--max-reps", "6", "--lockstep", "--threads", "1"]) == 0
+        assert (
+            bench.main(
+                [
+                    "--out",
+                    str(tmp_path),
+                    "--name",
+                    "toy",
+                    "--shapes",
+                    "32x64",
+                    "--n",
+                    "1,4",
+                    "--r",
+                    "2",
+                    "--budget",
+                    "0.000001",
+                    "--min-reps",
+                    "6",
+                    "--max-reps",
+                    "6",
+                    "--lockstep",
+                    "--threads",
+                    "1",
+                ]
+            )
+            == 0
+        )
     finally:
         torch.set_num_threads(threads)
     rows = list(csv.DictReader((tmp_path / "toy.csv").open()))
@@ -230,8 +331,34 @@ def test_modes_limit_the_groups(tmp_path, monkeypatch):
     monkeypatch.setattr(bench, "MIN_REPS", {"base": 1, "block_diag": 1})
     threads = torch.get_num_threads()
     try:
-        assert bench.main(["--out", str(tmp_path), "--name", "toy", "--shapes", "32x64", "--n", "2", "--r", "1", "--modes", "fwdbwd",
-                           "--budget", "0.000001", "--min-reps", "3", "--max-reps", "3", "--lockstep", "--threads", "1"]) == 0
+        assert (
+            bench.main(
+                [
+                    "--out",
+                    str(tmp_path),
+                    "--name",
+                    "toy",
+                    "--shapes",
+                    "32x64",
+                    "--n",
+                    "2",
+                    "--r",
+                    "1",
+                    "--modes",
+                    "fwdbwd",
+                    "--budget",
+                    "0.000001",
+                    "--min-reps",
+                    "3",
+                    "--max-reps",
+                    "3",
+                    "--lockstep",
+                    "--threads",
+                    "1",
+                ]
+            )
+            == 0
+        )
     finally:
         torch.set_num_threads(threads)
     assert {r["mode"] for r in csv.DictReader((tmp_path / "toy.csv").open())} == {"fwdbwd"}
