@@ -541,31 +541,38 @@ class _FusedMELoRA(torch.autograd.Function):
         xa = (x2 if adapter_x is None else adapter_x.reshape(-1, d_in)).to(adapter_dtype)
         A = lora_A.to(adapter_dtype)
         B = lora_B.to(result.dtype)
+        factors = ()
         if groups:
+            A_groups, B_groups = _group_factors(A, groups), _group_factors(B, groups)
             hiddens = tuple(
-                ((xa_j @ A_j.T) * scaling).to(result.dtype) for xa_j, A_j in zip(_column_blocks(xa, groups), _group_factors(A, groups))
+                ((xa_j @ A_j.T) * scaling).to(result.dtype) for xa_j, A_j in zip(_column_blocks(xa, groups), A_groups)
             )  # groups × (T, n·r/groups)
-            result = _addmm_column_blocks(result, hiddens, [B_j.T for B_j in _group_factors(B, groups)])
+            result = _addmm_column_blocks(result, hiddens, [B_j.T for B_j in B_groups])
+            # Kept for the backward rather than rebuilt: n·r·(d_in + d_out)/groups elements.
+            factors = (*A_groups, *B_groups)
         else:
             hidden = torch.bmm(xa.reshape(-1, n, k).transpose(0, 1), A.transpose(1, 2)) * scaling  # (n, T, r)
             hidden = hidden.to(result.dtype)
             result = _add_block_products(result, hidden, B.transpose(1, 2))
             hiddens = (hidden,)
-        ctx.save_for_backward(xa, weight, A, B, *hiddens)
+        ctx.save_for_backward(xa, weight, A, B, *hiddens, *factors)
         ctx.scaling, ctx.fan_in_fan_out, ctx.shared, ctx.x_shape, ctx.groups = scaling, fan_in_fan_out, adapter_x is None, x.shape, groups
         ctx.dtypes = (x.dtype, lora_A.dtype, lora_B.dtype, None if adapter_x is None else adapter_x.dtype)
         return result
 
     @staticmethod
     def backward(ctx, grad):
-        xa, weight, A, B, *hiddens = ctx.saved_tensors
+        xa, weight, A, B, *saved = ctx.saved_tensors
+        hiddens, factors = saved[: ctx.groups or 1], saved[ctx.groups or 1 :]
         x_dtype, A_dtype, B_dtype, adapter_x_dtype = ctx.dtypes
         n, r, k = A.shape
         m = B.shape[1]
         need = ctx.needs_input_grad
         g = grad.reshape(-1, n * m).to(B.dtype).contiguous()
-        backward = _groups_backward if ctx.groups else _bmm_backward
-        grad_A, grad_B, add_input_grad = backward(g, xa, A, B, hiddens, ctx.scaling, need[4], need[5])
+        if ctx.groups:
+            grad_A, grad_B, add_input_grad = _groups_backward(g, xa, A, factors, hiddens, ctx.scaling, need[4], need[5])
+        else:
+            grad_A, grad_B, add_input_grad = _bmm_backward(g, xa, A, B, hiddens, ctx.scaling, need[4], need[5])
         grad_A = None if grad_A is None else grad_A.to(A_dtype)
         grad_B = None if grad_B is None else grad_B.to(B_dtype)
         grad_x = grad_adapter_x = None
@@ -596,16 +603,17 @@ def _bmm_backward(g, xa, A, B, hiddens, scaling, need_A, need_B):
     return grad_A, grad_B, add_input_grad
 
 
-def _groups_backward(g, xa, A, B, hiddens, scaling, need_A, need_B):
+def _groups_backward(g, xa, A, factors, hiddens, scaling, need_A, need_B):
     """Form ``groups``: LoRA's backward at rank ``n·r/groups`` on each group's column blocks.
 
-    The factors' gradients are the diagonal blocks of each group's dense ones.
+    ``factors`` are the forward's ``blockdiag`` of each group's A, then of each group's B. The
+    factors' gradients are the diagonal blocks of each group's dense ones.
     """
     groups = len(hiddens)
     minis = A.shape[0] // groups
-    A_groups = _group_factors(A, groups)  # groups × (n·r/groups, d_in/groups)
+    A_groups, B_groups = factors[:groups], factors[groups:]  # groups × (n·r/groups, d_in/groups), (d_out/groups, n·r/groups)
     g_blocks = _column_blocks(g, groups)  # groups × (T, d_out/groups), views
-    grad_hidden = [((g_j @ B_j) * scaling).to(A.dtype) for g_j, B_j in zip(g_blocks, _group_factors(B, groups))]  # groups × (T, n·r/groups)
+    grad_hidden = [((g_j @ B_j) * scaling).to(A.dtype) for g_j, B_j in zip(g_blocks, B_groups)]  # groups × (T, n·r/groups)
     grad_A = (
         torch.cat([_diagonal_blocks(gh.T @ xa_j, minis) for gh, xa_j in zip(grad_hidden, _column_blocks(xa, groups))]) if need_A else None
     )
