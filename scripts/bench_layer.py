@@ -57,8 +57,13 @@ statistics of the per-round ratios, binomial with p = 1/2), and the targets
 are judged on it as well (``paired_vs_*`` columns, the *paired* report lines).
 
 ``base``, ``melora_merged`` (merged at the largest ``n``, ``r``) and
-``merged_linear`` are measured once per group, PEFT once per rank, and each measurement is repeated
-on every row it answers.
+``merged_linear`` are measured once per group, and each measurement is repeated
+on every row it answers. PEFT LoRA is measured once per config, at rank ``n·r`` and at rank
+``r`` (one module when ``n = 1``), so that each is timed next to the MELoRA layer it is
+compared with: a PEFT module shared by the configs of one rank (n=16 r=8 and n=64 r=2)
+sat next to only one of them, and the other's paired ratio then compared modules run
+after different neighbours (d=768, T=512, bf16, 1 thread: MELoRA n=64 r=2 1.11 x PEFT
+LoRA rank 128 where it is 0.86-0.95 x side by side).
 
 Outputs: ``<out>/layer.csv`` (one row per config, variant and mode; ``path``:
 the formulation ``MELoRALinear``'s cost rule picked, on ``melora`` rows;
@@ -131,14 +136,15 @@ PAIRED = {
     "paired_vs_base": ("melora_merged", "base"),
 }
 PAIRED_CI_LEVEL = 0.95
-# --lockstep: within a round, the modules a target compares run next to each other.
+# --lockstep: within a round, the modules a target compares run next to each other (the loop of
+# target 1b one further away from MELoRA than the two PEFT modules of targets 1a and 2).
 LOCKSTEP_ORDER = [
     "base",
     "merged_linear",
     "melora_merged",
+    "mini_loop",
     "peft_lora_nr",
     "melora",
-    "mini_loop",
     "peft_lora_r",
     *MELORA_PATH_VARIANTS,
     "block_diag",
@@ -325,11 +331,11 @@ def make_job(key: tuple, module: nn.Module, x: torch.Tensor, grad_out: torch.Ten
 def build_modules(base: nn.Linear, ns: list[int], rs: list[int], mode: str, paths: bool = False) -> dict[tuple, nn.Module]:
     """Every distinct module of a ``(d, T)`` group, keyed by job key."""
     modules: dict[tuple, nn.Module] = {("base",): base}
-    for rank in sorted(set(rs) | {n * r for n in ns for r in rs}):
-        modules[("peft", rank)] = peft_lora(base, rank)
     for n in ns:
         for r in rs:
             scaling = ALPHA / r
+            for rank in dict.fromkeys((n * r, r)):  # n = 1: one module answers both
+                modules[("peft", rank, n, r)] = peft_lora(base, rank)
             modules[("melora", n, r)] = MELoRALinear(base, n=n, r=r, alpha=ALPHA)
             for path in PATHS if paths else ():
                 modules[("melora_path", path, n, r)] = forced = MELoRALinear(base, n=n, r=r, alpha=ALPHA)
@@ -373,8 +379,8 @@ def variant_jobs(n: int, r: int, mode: str, paths: bool = False) -> dict[str, tu
         "base": ("base",),
         "melora": ("melora", n, r),
         **{f"melora_{path}": ("melora_path", path, n, r) for path in (PATHS if paths else ())},
-        "peft_lora_nr": ("peft", n * r),
-        "peft_lora_r": ("peft", r),
+        "peft_lora_nr": ("peft", n * r, n, r),
+        "peft_lora_r": ("peft", r, n, r),
         "mini_loop": ("mini_loop", n, r),
         "block_diag": ("block_diag", n, r),
     }
@@ -708,7 +714,8 @@ def render_markdown(rows: list[dict], targets: list[dict], args, wall_s: float, 
         f"input {SEQ_LEN}-token sequences; `fwd` = inference under no_grad, `fwdbwd` = forward + backward "
         f"with the input requiring grad; α = {ALPHA:g}, s = α/r, dropout 0. `base`, `melora_merged` "
         "(merged at the largest n, r) and `merged_linear` (its own frozen nn.Linear, the merged weight: target 3's "
-        "denominator) are measured once per (d, T), PEFT once per rank, and repeated on each row they answer.\n\n"
+        "denominator) are measured once per (d, T) and repeated on each row they answer; PEFT LoRA at rank n·r and "
+        "at rank r once per config (one module when n = 1), each timed next to the MELoRA layer it is compared with.\n\n"
     )
     out.write("## Targets (full layer)\n\n")
     for t in targets:

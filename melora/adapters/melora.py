@@ -73,7 +73,8 @@ FUSED_PATHS = ("fused", "fused_dense", "fused_blocks", "fused_groups")
 CPU_BLOCKS_MAX_N = 8  # r = 1, 2 ≤ n ≤ this, with gradients: "fused_blocks"
 CPU_DENSE_MAX_RANK = 32  # n ≥ 2, n·r ≤ this, with gradients: "fused_dense"
 # CPU, bf16 (the factors' dtype, or autocast's): calibrated by `bench_layer.py --paths --dtype bf16`
-# (results/bench/layer-bf16*.md: 2-core Intel Xeon with AMX-bf16, d = 768 and 4096, 1 and 2 threads).
+# (results/bench/layer-bf16-paths.md, layer-1thread-bf16-paths.md: 2-core Intel Xeon with AMX-bf16, d = 768
+# and 4096, 1 and 2 threads).
 # There the bf16 GEMMs run on AMX tiles and stay memory-bound up to rank ~64-128, so LoRA's dense
 # pair at rank n·r costs about what rank r costs, while the batched products (bmm with inner
 # dimensions r and d/n) do not use the tiles: "fused" ran 1.1-1.9 x PEFT LoRA rank n·r and "fused_blocks"

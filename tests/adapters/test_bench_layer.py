@@ -191,10 +191,13 @@ def test_lockstep_order_puts_each_target_pair_together_and_covers_the_group():
     order = bench.lockstep_order([1, 4], [2], "fwd")
     assert order[:3] == [("base",), ("merged_linear",), ("merged",)]
     assert order[order.index(("melora", 4, 2)) - 1 : order.index(("melora", 4, 2)) + 2] == [
-        ("peft", 8),
+        ("peft", 8, 4, 2),
         ("melora", 4, 2),
-        ("mini_loop", 4, 2),
+        ("peft", 2, 4, 2),
     ]
+    assert order[order.index(("melora", 4, 2)) - 2] == ("mini_loop", 4, 2)
+    # one PEFT module per config and rank, n = 1 one for both ranks; never shared between configs
+    assert [key for key in order if key[0] == "peft"] == [("peft", 2, 1, 2), ("peft", 8, 4, 2), ("peft", 2, 4, 2)]
 
 
 def test_paired_ratio_is_the_median_of_per_round_ratios():
@@ -210,8 +213,8 @@ def test_paired_ratio_is_the_median_of_per_round_ratios():
 def test_group_rows_of_a_lockstep_run_carry_the_paired_ratios():
     samples = {("base",): [1.0, 2.0, 1.0, 1.0, 1.0, 1.0], ("merged",): [1.0, 2.2, 0.9, 1.0, 1.1, 1.0],
                ("merged_linear",): [0.5, 1.1, 0.45, 0.5, 0.55, 0.5],
-               ("melora", 2, 1): [2.0, 4.0, 3.0, 8.0, 5.0, 6.0], ("peft", 2): [1.0, 4.0, 2.0, 4.0, 5.0, 3.0],
-               ("peft", 1): [2.0, 4.0, 3.0, 8.0, 5.0, 6.0], ("mini_loop", 2, 1): [4.0, 8.0, 6.0, 16.0, 10.0, 12.0],
+               ("melora", 2, 1): [2.0, 4.0, 3.0, 8.0, 5.0, 6.0], ("peft", 2, 2, 1): [1.0, 4.0, 2.0, 4.0, 5.0, 3.0],
+               ("peft", 1, 2, 1): [2.0, 4.0, 3.0, 8.0, 5.0, 6.0], ("mini_loop", 2, 1): [4.0, 8.0, 6.0, 16.0, 10.0, 12.0],
                ("block_diag", 2, 1): [9.0] * 6}  # fmt: skip
     jobs = {
         key: bench.Job(key=key, call=None, reset=None, min_reps=1, samples=[s / 1e3 for s in values]) for key, values in samples.items()
