@@ -26,6 +26,16 @@ def load_script():
 bench = load_script()
 
 
+def run_toy(tmp_path, args: str) -> list[dict]:
+    """``bench.main`` on a toy ``32x64`` group at 1 thread with ``args``; its CSV rows (``<tmp_path>/toy.csv``)."""
+    threads = torch.get_num_threads()
+    try:
+        assert bench.main(["--out", str(tmp_path), "--name", "toy", "--shapes", "32x64", "--threads", "1", *args.split()]) == 0
+    finally:
+        torch.set_num_threads(threads)  # main() sets the process's thread count
+    return list(csv.DictReader((tmp_path / "toy.csv").open()))
+
+
 def fake_rows(melora_ms: dict | None = None):
     """fwd+bwd and fwd rows where every variant takes 1 ms, MELoRA 0.99 ms unless ``melora_ms`` says otherwise."""
     melora_ms = melora_ms or {}
@@ -76,35 +86,7 @@ def test_merged_target_is_judged_against_the_merged_layers_own_linear():
 def test_a_toy_run_writes_named_reports_for_the_shapes_asked(tmp_path, monkeypatch):
     monkeypatch.setattr(bench, "MIN_REPS", {"base": 1, "block_diag": 1})
     monkeypatch.setattr(bench, "DEFAULT_MIN_REPS", 1)
-    threads = torch.get_num_threads()
-    try:
-        assert (
-            bench.main(
-                [
-                    "--out",
-                    str(tmp_path),
-                    "--name",
-                    "toy",
-                    "--shapes",
-                    "32x64",
-                    "--n",
-                    "1,4",
-                    "--r",
-                    "2",
-                    "--paths",
-                    "--budget",
-                    "0.001",
-                    "--max-reps",
-                    "2",
-                    "--threads",
-                    "1",
-                ]
-            )
-            == 0
-        )
-    finally:
-        torch.set_num_threads(threads)  # main() sets the process's thread count
-    rows = list(csv.DictReader((tmp_path / "toy.csv").open()))
+    rows = run_toy(tmp_path, "--n 1,4 --r 2 --paths --budget 0.001 --max-reps 2")
     assert {(r["d"], r["T"]) for r in rows} == {("32", "64")}
     chosen = {(r["n"], r["mode"]): r["path"] for r in rows if r["variant"] == "melora"}
     assert chosen == {("1", "fwd"): "dense", ("4", "fwd"): "bmm", ("1", "fwdbwd"): "fused", ("4", "fwdbwd"): "fused_dense"}
@@ -114,34 +96,7 @@ def test_a_toy_run_writes_named_reports_for_the_shapes_asked(tmp_path, monkeypat
 
 def test_min_reps_gives_every_timed_module_that_many_samples(tmp_path, monkeypatch):
     """--min-reps overrides a budget too small for slow calls; block_diag, a reference, keeps its one sample."""
-    threads = torch.get_num_threads()
-    try:
-        assert (
-            bench.main(
-                [
-                    "--out",
-                    str(tmp_path),
-                    "--name",
-                    "toy",
-                    "--shapes",
-                    "32x64",
-                    "--n",
-                    "1,4",
-                    "--r",
-                    "2",
-                    "--budget",
-                    "0.000001",
-                    "--min-reps",
-                    "6",
-                    "--threads",
-                    "1",
-                ]
-            )
-            == 0
-        )
-    finally:
-        torch.set_num_threads(threads)
-    rows = list(csv.DictReader((tmp_path / "toy.csv").open()))
+    rows = run_toy(tmp_path, "--n 1,4 --r 2 --budget 0.000001 --min-reps 6")
     reps = {r["variant"]: int(r["reps"]) for r in rows}
     assert reps["block_diag"] == 1
     assert all(n >= 6 for variant, n in reps.items() if variant != "block_diag"), reps
@@ -282,37 +237,7 @@ def test_paired_targets_are_na_on_rows_without_paired_columns():
 
 def test_a_toy_lockstep_run_writes_the_paired_columns(tmp_path, monkeypatch):
     monkeypatch.setattr(bench, "MIN_REPS", {"base": 1, "block_diag": 1})
-    threads = torch.get_num_threads()
-    try:
-        assert (
-            bench.main(
-                [
-                    "--out",
-                    str(tmp_path),
-                    "--name",
-                    "toy",
-                    "--shapes",
-                    "32x64",
-                    "--n",
-                    "1,4",
-                    "--r",
-                    "2",
-                    "--budget",
-                    "0.000001",
-                    "--min-reps",
-                    "6",
-                    "--max-reps",
-                    "6",
-                    "--lockstep",
-                    "--threads",
-                    "1",
-                ]
-            )
-            == 0
-        )
-    finally:
-        torch.set_num_threads(threads)
-    rows = list(csv.DictReader((tmp_path / "toy.csv").open()))
+    rows = run_toy(tmp_path, "--n 1,4 --r 2 --budget 0.000001 --min-reps 6 --max-reps 6 --lockstep")
     assert list(rows[0]) == bench.CSV_FIELDS
     assert {int(r["reps"]) for r in rows if r["variant"] != "block_diag"} == {6}
     assert {int(r["reps"]) for r in rows if r["variant"] == "block_diag"} == {1}  # its warm-up: a reference in no pair
@@ -332,36 +257,5 @@ def test_a_toy_lockstep_run_writes_the_paired_columns(tmp_path, monkeypatch):
 
 def test_modes_limit_the_groups(tmp_path, monkeypatch):
     monkeypatch.setattr(bench, "MIN_REPS", {"base": 1, "block_diag": 1})
-    threads = torch.get_num_threads()
-    try:
-        assert (
-            bench.main(
-                [
-                    "--out",
-                    str(tmp_path),
-                    "--name",
-                    "toy",
-                    "--shapes",
-                    "32x64",
-                    "--n",
-                    "2",
-                    "--r",
-                    "1",
-                    "--modes",
-                    "fwdbwd",
-                    "--budget",
-                    "0.000001",
-                    "--min-reps",
-                    "3",
-                    "--max-reps",
-                    "3",
-                    "--lockstep",
-                    "--threads",
-                    "1",
-                ]
-            )
-            == 0
-        )
-    finally:
-        torch.set_num_threads(threads)
-    assert {r["mode"] for r in csv.DictReader((tmp_path / "toy.csv").open())} == {"fwdbwd"}
+    rows = run_toy(tmp_path, "--n 2 --r 1 --modes fwdbwd --budget 0.000001 --min-reps 3 --max-reps 3 --lockstep")
+    assert {r["mode"] for r in rows} == {"fwdbwd"}
