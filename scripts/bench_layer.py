@@ -60,10 +60,8 @@ are judged on it as well (``paired_vs_*`` columns, the *paired* report lines).
 ``merged_linear`` are measured once per group, and each measurement is repeated
 on every row it answers. PEFT LoRA is measured once per config, at rank ``n·r`` and at rank
 ``r`` (one module when ``n = 1``), so that each is timed next to the MELoRA layer it is
-compared with: a PEFT module shared by the configs of one rank (n=16 r=8 and n=64 r=2)
-sat next to only one of them, and the other's paired ratio then compared modules run
-after different neighbours (d=768, T=512, bf16, 1 thread: MELoRA n=64 r=2 1.11 x PEFT
-LoRA rank 128 where it is 0.86-0.95 x side by side).
+compared with (a PEFT module shared by the configs of one rank, n=16 r=8 and n=64 r=2,
+could sit next to only one of them).
 
 Outputs: ``<out>/layer.csv`` (one row per config, variant and mode; ``path``:
 the formulation ``MELoRALinear``'s cost rule picked, on ``melora`` rows;
