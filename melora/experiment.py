@@ -155,6 +155,8 @@ class RunData:
         record: Record fields about the data (sizes, selection split, …).
         batching: The trainer's batching strategy (``melora.train.batching``); ``None``: its default.
         eval_data: Whatever ``RunTask.prepare`` needs of the evaluation data.
+        write_predictions: ``write_predictions(run_dir, step, epoch)`` after each
+            evaluation: keeps its per-example predictions (``None``: not kept).
     """
 
     train: Dataset
@@ -164,6 +166,7 @@ class RunData:
     record: dict[str, Any] = field(default_factory=dict)
     batching: Callable | None = None
     eval_data: Any = None
+    write_predictions: Callable[[Path, int, int], None] | None = None
 
 
 @dataclass
@@ -217,6 +220,9 @@ def train_run(cfg: DictConfig, task: RunTask) -> dict:
     if existing is not None and existing.get("status") == "completed":
         log.info("%s is already complete (best %s = %s); skipping", run_dir, cfg.task.metric, existing.get("best_metric"))
         return existing
+    if existing is not None and existing.get("diverged"):
+        log.info("%s diverged (%s); skipping: remove the folder to train it again", run_dir, existing.get("error"))
+        return existing
     if existing is not None and not cfg.resume:
         raise ValueError(f"{run_dir} holds an unfinished run and resume=false; remove it or set resume=true")
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -265,6 +271,7 @@ def train_run(cfg: DictConfig, task: RunTask) -> dict:
         resume=cfg.resume,
         logger=make_logger(OmegaConf.to_container(cfg.logger, resolve=True), run_dir, config, name),
         batching=data.batching,
+        write_predictions=data.write_predictions,
     )
     return trainer.fit()
 

@@ -41,13 +41,13 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, default=_jsonable) + "\n")
 
 
-def atomic_save_tensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike) -> None:
-    """A safetensors file of ``tensors`` (detached, contiguous, on CPU), atomically."""
+def atomic_save_tensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
+    """A safetensors file of ``tensors`` (detached, contiguous, on CPU) and string ``metadata``, atomically."""
     from safetensors.torch import save_file
 
     path = Path(path)
     tmp = path.with_suffix(path.suffix + ".tmp")
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
     os.replace(tmp, path)
 
 

@@ -80,14 +80,93 @@ def with_chosen_lr(spec: dict, runs: list[RunSpec], profile: str, extra: list[st
     return out
 
 
-def expand_specs(names: list[str], profile: str, extra: list[str] | None = None, loader=None) -> list[RunSpec]:
-    """The runs of several specs, each distinct run once (in first-seen order)."""
+def grid_key(config: dict) -> str:
+    """What a learning-rate grid varies over: the hash of a resolved run config without its lr, seed and folder."""
+    from melora.runs import config_hash
+
+    keep = {k: v for k, v in config.items() if k not in ("seed", "run_dir")}
+    keep["task"] = {k: v for k, v in (keep.get("task") or {}).items() if k != "lr"}
+    if isinstance(keep.get("selection"), dict):
+        keep["selection"] = {k: v for k, v in keep["selection"].items() if k != "folder"}
+    return config_hash(keep)
+
+
+def _override(run: RunSpec, key: str) -> str:
+    return next(o for o in reversed(run.overrides) if o.startswith(f"{key}=")).partition("=")[2]
+
+
+def _run_seed(run: RunSpec) -> int:
+    return int(_override(run, "seed"))
+
+
+def _run_lr(run: RunSpec) -> float:
+    return float(_override(run, "task.lr"))
+
+
+def with_bracketing_lrs(spec: dict, runs: list[RunSpec], profile: str, extra: list[str] | None = None, loader=None,
+                        report: dict | None = None) -> list[RunSpec]:
+    """Runs of an ``lr_bracket:`` spec: its grid, plus each setting's extension where the best lr is at an edge.
+
+    A setting (the runs that differ only in lr and seed) whose best mean
+    validation metric over seeds sits at an edge of the lrs it has records for
+    gets its next lr on the 1-3 ladder, at every seed of the spec
+    (:func:`melora.report.bracket.bracket`). One step per call: the sweep
+    calls it again once those runs are done. ``report``, when given, is filled
+    with each setting's :class:`~melora.report.bracket.Bracket`.
+    """
+    from omegaconf import OmegaConf
+
+    from melora.report.bracket import bracket
+    from melora.report.records import load_records, selection_of
+
+    limits = spec["lr_bracket"]
+    by_key: dict[str, list[RunSpec]] = {}
+    root = None
+    for run in runs:
+        cfg = compose_run(run, extra, loader)
+        root = root or Path(cfg.runs_root) / profile
+        by_key.setdefault(grid_key(OmegaConf.to_container(cfg, resolve=True)), []).append(run)
+    values: dict[str, dict[float, dict[int, float | None]]] = {}
+    if root is not None and root.is_dir():
+        for r in load_records(root):
+            if r.get("kind") != "glue" or selection_of(r) != "dev_halves" or "config" not in r:
+                continue
+            key = grid_key(r["config"])
+            if key not in by_key or not (r.get("status") == "completed" or r.get("diverged")):
+                continue
+            value = r.get("best_metric") if r.get("status") == "completed" else None
+            values.setdefault(key, {}).setdefault(float(r["config"]["task"]["lr"]), {})[int(r["seed"])] = value
+    out = list(runs)
+    for key, key_runs in by_key.items():
+        grid = {_run_lr(r) for r in key_runs}
+        tried = {lr: {} for lr in grid} | values.get(key, {})
+        state = bracket(tried, limits.get("min_lr", 1e-5), limits.get("max_lr", 0.3))
+        if report is not None:
+            report[key] = (key_runs[0], state)
+        added = sorted(set(tried) - grid) + ([state.next_lr] if state.status == "extend" else [])
+        templates = [r for r in key_runs if _run_lr(r) == _run_lr(key_runs[0])]  # one run per seed
+        for lr in added:
+            out += [RunSpec(t.entry, [o if not o.startswith("task.lr=") else f"task.lr={lr:g}" for o in t.overrides]) for t in templates]
+    return out
+
+
+def expand_specs(names: list[str], profile: str, extra: list[str] | None = None, loader=None, seeds: int | None = None) -> list[RunSpec]:
+    """The runs of several specs, each distinct run once (in first-seen order).
+
+    ``seeds``: only the runs of the first ``seeds`` seeds of each spec's profile
+    (a sweep runs seed waves so that a grid's extensions are found early).
+    """
     runs, seen = [], set()
     for name in names:
         spec = load_spec(name)
         spec_runs = expand(spec, profile)
+        if seeds is not None:
+            wave = set(spec["profiles"][profile]["seeds"][:seeds])
+            spec_runs = [r for r in spec_runs if _run_seed(r) in wave]
         if spec.get("lr_from"):
             spec_runs = with_chosen_lr(spec, spec_runs, profile, extra, loader)
+        if spec.get("lr_bracket"):
+            spec_runs = with_bracketing_lrs(spec, spec_runs, profile, extra, loader)
         for run in spec_runs:
             key = (run.entry, frozenset(run.overrides))
             if key not in seen:
@@ -151,6 +230,19 @@ def run_completed(run_dir: str) -> bool:
     return record is not None and record.get("status") == "completed"
 
 
+def run_diverged(run_dir: str) -> bool:
+    """Whether ``run_dir`` holds a run that diverged: final, not trained again (a grid reads it as collapsed)."""
+    from melora.runs import read_record
+
+    record = read_record(run_dir)
+    return record is not None and bool(record.get("diverged"))
+
+
+def run_finished(run_dir: str) -> bool:
+    """Completed or diverged: nothing more to train."""
+    return run_completed(run_dir) or run_diverged(run_dir)
+
+
 def _job_threads(sweeper) -> int | None:
     """Threads per job of a local launcher (``cores / n_jobs``); ``None`` for cluster launchers."""
     if sweeper.threads_per_job:
@@ -177,14 +269,14 @@ def sweep_specs(sweeper, arguments: list[str]) -> list:
     config, loader = sweeper.config, sweeper.hydra_context.config_loader
     entry = next((e for e, name in ENTRIES.items() if name == config.hydra.job.config_name), None)
     names = ",".join(Path(s).stem for s in sweeper.specs)
-    runs = expand_specs(sweeper.specs, sweeper.profile, arguments, loader=loader)
+    runs = expand_specs(sweeper.specs, sweeper.profile, arguments, loader=loader, seeds=getattr(sweeper, "seeds", None))
     others = sorted({r.entry for r in runs} - {entry})
     if others:
         raise ValueError(f"spec(s) {names} hold runs of melora.{others[0]}, not of this entry: use python -m melora.sweep {names} --profile {sweeper.profile}")
     todo = []
     for run in runs:
         run_dir = compose_run(run, arguments, loader).run_dir
-        if not run_completed(run_dir):
+        if not run_finished(run_dir):
             todo.append((run, run_dir))
     print(f"{names} ({sweeper.profile}): {len(runs)} runs, {len(runs) - len(todo)} complete, {len(todo)} to run", flush=True)
     if sweeper.list_only or not todo:
@@ -199,13 +291,17 @@ def sweep_specs(sweeper, arguments: list[str]) -> list:
         torch.set_num_threads(threads)
     start = time.time()
     results = sweeper.launcher.launch([[*run.overrides, *arguments] for run, _ in todo], initial_job_idx=0)
-    outcome: dict[str, list[str]] = {"completed": [], "locked": [], "failed": []}
+    outcome: dict[str, list[str]] = {"completed": [], "diverged": [], "locked": [], "failed": []}
     for (run, run_dir), result in zip(todo, results):
-        if result.status == JobStatus.FAILED:
+        if run_diverged(run_dir):  # a learning rate too large for the setting: a result, not a failure
+            outcome["diverged"].append(run_dir)
+        elif result.status == JobStatus.FAILED:
             outcome["failed"].append(f"{run_dir}: {type(result._return_value).__name__}: {result._return_value}")
         else:  # an entry returns normally for a completed run or for one another process holds
             outcome["completed" if run_completed(run_dir) else "locked"].append(run_dir)
     print(f"{names}: {', '.join(f'{len(v)} {k}' for k, v in outcome.items())} in {(time.time() - start) / 60:.1f} min", flush=True)
+    for folder in outcome["diverged"]:
+        print(f"  diverged (kept as collapsed, not retried): {folder}")
     for folder in outcome["locked"]:
         print(f"  locked (another process trains it): {folder}")
     for line in outcome["failed"]:
@@ -281,6 +377,45 @@ def cost_table(names: list[str], profile: str, extra: list[str] | None = None) -
     return "\n".join(lines) + "\n"
 
 
+def pending(names: list[str], profile: str, extra: list[str] | None = None, seeds: int | None = None) -> list[str]:
+    """Run folders of the specs' runs (of the first ``seeds`` seeds) that are not finished yet."""
+    import io
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        runs = expand_specs(names, profile, extra, seeds=seeds)
+    return [d for d in (compose_run(run, extra).run_dir for run in runs) if not run_finished(d)]
+
+
+def run_waves(command: list[str], specs: list[str], profile: str, extra: list[str] | None = None) -> int:
+    """Run the sweep ``command``; for ``lr_bracket`` specs, in seed waves until every grid brackets.
+
+    Wave k runs the first k seeds of every spec, again and again while a round
+    adds runs (a grid whose best lr sits at an edge gets its next lr), so the
+    grids are extended on the first seeds before the later seeds run. Stops
+    early when a round leaves the same runs unfinished (failed or locked).
+    Returns the first non-zero exit status, else 0.
+    """
+    bracketing = [load_spec(name) for name in specs if load_spec(name).get("lr_bracket")]
+    waves = range(1, max(len(s["profiles"][profile]["seeds"]) for s in bracketing) + 1) if bracketing else [None]
+    status = 0
+    for wave in waves:
+        before = None
+        while True:
+            wave_command = command + ([f"hydra.sweeper.seeds={wave}"] if wave is not None else [])
+            print(" ".join(wave_command), flush=True)
+            status = call_in_group(wave_command, cwd=ROOT) or status
+            if wave is None:
+                return status
+            left = pending(specs, profile, extra, seeds=wave)
+            if not left:
+                break
+            if left == before:
+                print(f"seed wave {wave}: {len(left)} runs stay unfinished (failed or locked); stopping", flush=True)
+                return status or 1
+            before = left
+    return status
+
+
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
@@ -314,8 +449,7 @@ def main(argv: list[str] | None = None) -> int:
                    f"hydra.sweeper.profile={args.profile}", f"hydra/launcher={args.launcher}",
                    *([f"hydra.launcher.n_jobs={args.jobs}"] if args.launcher == "local" else []),
                    *([f"hydra.sweeper.threads_per_job={args.threads}"] if args.threads else []), *args.overrides]  # fmt: skip
-        print(" ".join(command), flush=True)
-        status = call_in_group(command, cwd=ROOT) or status
+        status = run_waves(command, specs, args.profile, args.overrides) or status
         for run in runs:  # INSTRUCTEVAL of every trained adapter (a finished evaluation is skipped)
             cfg = compose_run(run, args.overrides)
             if run_completed(cfg.run_dir):

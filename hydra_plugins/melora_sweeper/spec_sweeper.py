@@ -27,14 +27,16 @@ class SpecSweeperConf:
     profile: str = "mini"  # paper | mini | smoke
     threads_per_job: Optional[int] = None  # torch threads of each local job; null: cores / launcher.n_jobs
     list_only: bool = False  # print the runs that would be launched, launch nothing
+    seeds: Optional[int] = None  # only the first k seeds of each spec's profile (a seed wave); null: all
 
 
 ConfigStore.instance().store(group="hydra/sweeper", name="spec", node=SpecSweeperConf, provider="melora")
 
 
 class SpecSweeper(Sweeper):
-    def __init__(self, specs: List[str], profile: str, threads_per_job: Optional[int] = None, list_only: bool = False) -> None:
-        self.specs, self.profile, self.threads_per_job, self.list_only = list(specs), profile, threads_per_job, list_only
+    def __init__(self, specs: List[str], profile: str, threads_per_job: Optional[int] = None, list_only: bool = False,
+                 seeds: Optional[int] = None) -> None:
+        self.specs, self.profile, self.threads_per_job, self.list_only, self.seeds = list(specs), profile, threads_per_job, list_only, seeds
         self.config: Optional[DictConfig] = None
         self.hydra_context: Optional[HydraContext] = None
         self.launcher = None

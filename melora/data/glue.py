@@ -328,6 +328,50 @@ def heldout_split(dataset: Dataset, fraction: float, min_examples: int, seed: in
     return dataset.select(kept.tolist()), dataset.select(held.tolist()), info
 
 
+def dev_halves(labels: np.ndarray | list, seed: int, regression: bool = False, score_bins: int = 5) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Split a dev set once into a validation half and a test half, stratified by label.
+
+    Within each stratum (a class; for a regression task such as STS-B, a score
+    bin of width ``max / score_bins`` over ``[0, max]``) the examples are
+    permuted with ``seed`` and the first ``ceil(k / 2)`` go to the validation
+    half; strata are taken in sorted order. The split depends on the labels
+    and ``seed`` only, so every method, learning rate and training seed of a
+    task sees the same halves, in every process.
+
+    Args:
+        labels: Shape ``(N,)``: class ids, or float scores when ``regression``.
+        seed: The split's seed.
+        regression: Stratify by score bins instead of classes.
+        score_bins: Number of equal-width score bins (regression only).
+
+    Returns:
+        ``(validation, test, info)``: sorted row indices of the two halves
+        (disjoint, together ``range(N)``) and ``info`` for the run record
+        (seed, sizes, strata, and a hash of the validation indices).
+    """
+    labels = np.asarray(labels)
+    if labels.ndim != 1 or len(labels) < 2:
+        raise ValueError(f"dev_halves needs a 1-D array of at least 2 labels, got shape {labels.shape}")
+    if regression:
+        top = float(labels.max()) or 1.0
+        strata = np.minimum((labels / top * score_bins).astype(np.int64), score_bins - 1)
+    else:
+        strata = labels.astype(np.int64)
+    rng = np.random.default_rng(seed)
+    validation = []
+    for stratum in np.unique(strata):
+        members = np.flatnonzero(strata == stratum)
+        members = members[rng.permutation(len(members))]
+        validation.append(members[: (len(members) + 1) // 2])
+    validation = np.sort(np.concatenate(validation))
+    test = np.setdiff1d(np.arange(len(labels)), validation)
+    digest = hashlib.sha256(validation.astype(np.int64).tobytes()).hexdigest()[:16]
+    info = {"split": "dev_halves", "seed": int(seed), "validation_size": int(len(validation)), "test_size": int(len(test)),
+            "strata": ("score_bins" if regression else "label"), **({"score_bins": int(score_bins)} if regression else {}),
+            "validation_indices_sha256": digest}
+    return validation, test, info
+
+
 # ---------------------------------------------------------------------- tokenise
 
 

@@ -1,6 +1,6 @@
 """A runs folder without its weights: what ``results/runs/<profile>/`` commits.
 
-For every run: ``record.json``, ``config.yaml`` and (instruct runs)
+For every run: ``record.json``, ``config.yaml``, ``predictions.safetensors`` (dev-halves runs) and (instruct runs)
 ``eval_record.json`` are copied under the same relative path, as are the
 INSTRUCTEVAL folders (``eval_record.json``, ``config.yaml``), and the best
 adapter of a GLUE LoRA or MELoRA run is reduced to ``spectra.json``, the singular values of every
@@ -18,8 +18,9 @@ from melora.files import atomic_write_json
 from melora.report.records import EVAL_RECORD, load_records, method_config_of
 from melora.report.spectra import SPECTRA_FILE, has_adapter, run_spectra
 from melora.runs import RECORD_FILE
+from melora.train.predictions import PREDICTIONS_FILE
 
-COPIED = (RECORD_FILE, "config.yaml", EVAL_RECORD)
+COPIED = (RECORD_FILE, "config.yaml", EVAL_RECORD, PREDICTIONS_FILE)
 # Singular values at or below this are the SVD's round-off (ΔW has rank ≤ n·r): not stored.
 ZERO = 1e-10
 

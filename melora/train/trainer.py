@@ -126,6 +126,9 @@ class Trainer:
         seed: Data order and hooks' seed.
         resume: Continue from ``run_dir/checkpoint`` when present.
         logger: Metric logger (wandb or none).
+        write_predictions: ``write_predictions(run_dir, step, epoch)``, called on the
+            main process after each evaluation, before the checkpoint (a resumed
+            run evaluates that step again and replaces them).
     """
 
     model: torch.nn.Module
@@ -141,6 +144,7 @@ class Trainer:
     resume: bool = True
     logger: NullLogger = field(default_factory=NullLogger)
     batching: Callable[[int], Sampler[list[int]]] | None = None
+    write_predictions: Callable[[Path, int, int], None] | None = None
 
     def _accelerator(self):
         from accelerate import Accelerator
@@ -300,7 +304,8 @@ class Trainer:
                     if state["global_step"] >= total_steps:
                         break
         except TrainingDiverged as err:
-            write_record(status="failed", error=str(err), **self._state_fields(state))
+            # Final, not retried: the same run diverges again (a learning-rate grid reads it as collapsed).
+            write_record(status="failed", diverged=True, error=str(err), **self._state_fields(state))
             bar.close()
             self.logger.finish()
             raise
@@ -329,10 +334,13 @@ class Trainer:
         state["history"].append(entry)
         value = metrics[self.main_metric]
         best = state["best_metric"]
-        improved = best is None or (value > best if self.config.greater_is_better else value < best)
+        # An undefined metric (a correlation of constant predictions) is worse than any number.
+        improved = best is None or (math.isnan(best) and not math.isnan(value)) or (value > best if self.config.greater_is_better else value < best)
         bar.set_postfix(**{self.main_metric: f"{value:.4f}", "best": f"{(value if improved else best):.4f}"})
         if accelerator.is_main_process:
             self.logger.log({f"eval/{k}": v for k, v in metrics.items()}, state["global_step"])
+            if self.write_predictions is not None:
+                self.write_predictions(Path(self.run_dir), state["global_step"], epoch + 1)
             if improved:
                 save_adapter(unwrapped, Path(self.run_dir) / "adapter")
         if improved:

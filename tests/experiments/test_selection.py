@@ -43,7 +43,7 @@ def test_same_split_for_every_method_and_seed_disjoint_from_train_and_dev():
     splits = []
     for overrides in (["method=lora", "seed=0"], ["method=melora", "method.n=8", "method.r=1", "seed=3", "task.lr=3e-3"]):
         cfg = compose_glue(["task=glue/mrpc", "selection=heldout", *overrides])
-        train, evals, info = prepare_glue_data(cfg, load_tokenizer(cfg.model))
+        train, evals, info, _ = prepare_glue_data(cfg, load_tokenizer(cfg.model))
         splits.append((train, evals, info))
     (train, evals, info), (train2, evals2, info2) = splits
     assert info == info2 and info["size"] == 240 and len(train) == 2160 == info["train_size"]
