@@ -248,7 +248,7 @@ def train_run(cfg: DictConfig, task: RunTask) -> dict:
         "model": cfg.model.name,
         "model_name_or_path": cfg.model.name_or_path,
         "method_tag": cfg.method.tag,
-        "method_config": acfg.to_dict(),
+        "method_config": acfg.as_record(),
         "seed": cfg.seed,
         **(task.record(cfg) if task.record else {}),
         **data.record,

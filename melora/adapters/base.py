@@ -95,10 +95,21 @@ class AdapterConfig:
         elif not isinstance(self.target_modules, str):
             raise TypeError(f"target_modules must be a list of names or a regex string, got {type(self.target_modules).__name__}")
         self.modules_to_save = list(self.modules_to_save or [])
+        parent = getattr(super(), "__post_init__", None)
+        if parent is not None:  # a config that is also a PEFT config (MELoRA) runs PEFT's checks too
+            parent()
+
+    def as_record(self) -> dict[str, Any]:
+        """The method name plus its hyper-parameters, JSON-ready: a run record's ``method_config``.
+
+        A PEFT config's bookkeeping (``peft_type``, ``task_type``, ``peft_version``, …) is left out.
+        """
+        bookkeeping = _peft_bookkeeping()
+        return {"method": self.method, **{k: v for k, v in dataclasses.asdict(self).items() if k not in bookkeeping}}
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready fields plus the method name."""
-        return {"method": self.method, **dataclasses.asdict(self)}
+        """JSON-ready fields plus the method name (a PEFT config: PEFT's ``adapter_config.json`` dict)."""
+        return self.as_record()
 
     @classmethod
     def for_run(cls, fields: dict[str, Any], total_steps: int | None) -> "AdapterConfig":
@@ -146,6 +157,13 @@ class AdapterConfig:
             return self.row_name()
         name, _, rest = self.row_name().partition(" ")
         return f"{name} {choice} {rest}"
+
+
+def _peft_bookkeeping() -> set[str]:
+    """The fields every PEFT config has that are not a method's hyper-parameters."""
+    from peft.config import PeftConfig
+
+    return {f.name for f in dataclasses.fields(PeftConfig)}
 
 
 # ---- layers ------------------------------------------------------------------
@@ -445,7 +463,13 @@ def config_class(name: str) -> type[AdapterConfig]:
 def config_from_dict(d: dict[str, Any]) -> AdapterConfig:
     """Rebuild a config from ``to_dict()`` output (or a Hydra ``method`` node)."""
     d = dict(d)
-    cls = config_class(d.pop("method", None))
+    method = d.pop("method", None)
+    if method is None and str(d.get("peft_type", "")).upper() == "MELORA":  # PEFT's adapter_config.json of a MELoRA adapter
+        method = "melora"
+    cls = config_class(method)
+    if not hasattr(cls, "peft_type"):
+        for key in _peft_bookkeeping():
+            d.pop(key, None)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(d) - names)
     if unknown:

@@ -52,7 +52,7 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
         "format": "melora-adapter",
         "format_version": FORMAT_VERSION,
         "method": config.method,
-        "config": config.to_dict(),
+        "config": config.as_record(),
         "base_model": base_model_name(model),
         "target_layers": _target_layers(model),
         "tensors": {k: list(v.shape) for k, v in tensors.items()},

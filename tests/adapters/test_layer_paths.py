@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 from transformers.pytorch_utils import Conv1D
 
-import melora.adapters.melora as melora_layer
+import melora.adapters.formulations as melora_layer
 from melora import MELoRALinear
 from melora.adapters.melora import PATHS, choose_path, group_count
 
