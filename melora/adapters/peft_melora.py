@@ -167,10 +167,13 @@ class Linear(nn.Module, MELoRALayer):
         if self.merged:
             return self.base_layer(x, *args, **kwargs)
         active = [a for a in self.active_adapters if a in self.melora_A]
-        if len(active) == 1 and not args and not kwargs:
+        quantized = _quantized(self.get_base_layer())
+        if len(active) == 1 and not args and not kwargs and not quantized:
             a = active[0]
             return formulations.forward(x, self.base_layer, self.melora_A[a], self.melora_B[a], self.scaling[a], self.melora_dropout[a], self.path)
         result = self.base_layer(x, *args, **kwargs)
+        if quantized:  # bitsandbytes returns its Function's output as a view: add into a copy
+            result = result.clone()
         for a in active:
             path = "dense" if self.n[a] == 1 else "bmm"  # the frozen output exists: add each adapter's product into it
             result = formulations.add_adapter_output(result, self.melora_dropout[a](x), self.melora_A[a], self.melora_B[a], self.scaling[a], path)
