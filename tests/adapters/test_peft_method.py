@@ -9,8 +9,15 @@ import warnings
 import pytest
 import torch
 from conftest import tiny_bert, tiny_gpt2, tiny_llama
-from peft import LoraConfig, PeftConfig, PeftModel, get_peft_model, get_peft_model_state_dict, inject_adapter_in_model
-from peft import set_peft_model_state_dict
+from peft import (
+    LoraConfig,
+    PeftConfig,
+    PeftModel,
+    get_peft_model,
+    get_peft_model_state_dict,
+    inject_adapter_in_model,
+    set_peft_model_state_dict,
+)
 from peft.utils import PeftType
 
 import melora
