@@ -1,12 +1,16 @@
 """MELoRA: Mini-Ensemble Low-Rank Adapters (Ren et al., ACL 2024, arXiv 2402.17263).
 
-Three lines put MELoRA into a Hugging Face model::
+Three lines put MELoRA into a Hugging Face model through PEFT::
 
-    import melora
-    model = melora.inject(model, melora.MELoRAConfig(n=8, r=1, target_modules=["query", "value"]))
-    print(melora.describe(model))
+    import melora                      # registers MELoRA with PEFT
+    from peft import get_peft_model
+    model = get_peft_model(model, melora.MELoRAConfig(n=8, r=1, target_modules=["query", "value"]))
+
+``melora.inject`` (the single-adapter path of the paper's experiments), ``save_adapter``,
+``load_adapter``, ``export_peft_lora`` and ``melora.analysis`` (spectra of ``ΔW``) work as well.
 """
 
+from melora import analysis
 from melora.adapters import (
     AdaLoRAConfig,
     AdapterConfig,
@@ -47,6 +51,7 @@ __all__ = [
     "MELoRAConfig",
     "MELoRALinear",
     "adapter_layers",
+    "analysis",
     "config_from_dict",
     "describe",
     "export_peft_lora",

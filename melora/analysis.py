@@ -25,29 +25,38 @@ class LayerSpectrum:
     nominal_rank: int | None
 
 
-def singular_values(model: nn.Module, threshold: float = 0.1) -> dict[str, LayerSpectrum]:
+def _updates(model: nn.Module, adapter: str | None):
+    """``(layer path, ΔW in float64, nominal rank)`` of every adapted layer (``melora.inject`` or a PEFT MELoRA model)."""
+    from melora.adapters.melora import delta_weight
+    from melora.adapters.peft_melora import MELoRALayer
+
+    for name, module in model.named_modules():
+        if isinstance(module, AdapterLayer):
+            yield name, module.delta_weight(torch.float64), getattr(module, "equivalent_rank", getattr(module, "r", None))
+        elif isinstance(module, MELoRALayer):
+            chosen = adapter or module.active_adapters[0]
+            if chosen in module.melora_A:
+                delta = delta_weight(module.melora_A[chosen], module.melora_B[chosen], module.scaling[chosen], torch.float64)
+                yield name, delta, module.n[chosen] * module.r[chosen]
+
+
+def singular_values(model: nn.Module, threshold: float = 0.1, adapter: str | None = None) -> dict[str, LayerSpectrum]:
     """fp64 SVD of every adapted layer's ``ΔW`` (scaling included).
 
     Args:
-        model: A model with adapters (``melora.inject`` / ``load_adapter``).
+        model: A model with adapters (``melora.inject`` / ``load_adapter``, or a PEFT model with MELoRA adapters).
         threshold: Singular values strictly above it are counted (paper: 0.1).
+        adapter: A PEFT model's adapter to analyse; ``None``: the active one.
 
     Returns:
         Layer path → ``LayerSpectrum``; ``count_above`` is the Figure 3 count.
     """
     spectra = {}
-    for name, module in model.named_modules():
-        if not isinstance(module, AdapterLayer):
-            continue
-        with torch.no_grad():
-            s = torch.linalg.svdvals(module.delta_weight(torch.float64).cpu())
-        spectra[name] = LayerSpectrum(
-            name=name,
-            singular_values=s,
-            threshold=threshold,
-            count_above=int((s > threshold).sum()),
-            nominal_rank=getattr(module, "equivalent_rank", getattr(module, "r", None)),
-        )
+    with torch.no_grad():
+        for name, delta, nominal_rank in _updates(model, adapter):
+            s = torch.linalg.svdvals(delta.cpu())
+            spectra[name] = LayerSpectrum(name=name, singular_values=s, threshold=threshold,
+                                          count_above=int((s > threshold).sum()), nominal_rank=nominal_rank)
     if not spectra:
         raise ValueError("model has no adapter layers: inject or load an adapter first")
     return spectra

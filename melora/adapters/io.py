@@ -20,7 +20,7 @@ import torch.nn as nn
 from safetensors.torch import load_file
 
 from melora.adapters.base import adapter_layers, config_from_dict, find_modules_to_save, is_adaptable, linear_dims
-from melora.adapters.inject import get_config, inject, layer_summaries, method_of, unwrap_base_model
+from melora.adapters.inject import CONFIG_ATTR, get_config, inject, layer_summaries, method_of, unwrap_base_model
 from melora.files import atomic_save_tensors, atomic_write_json
 
 CONFIG_FILE = "adapter_config.json"
@@ -126,7 +126,14 @@ def export_peft_lora(model: nn.Module, directory: str | os.PathLike) -> Path:
     ``lora_B.weight = blockdiag(B_i)`` ``(d_out, R)``, and ``lora_alpha = s·R``
     so that PEFT's ``lora_alpha / r`` equals ``s``. ``peft.PeftModel.from_pretrained``
     then reproduces the model's outputs, and any LoRA serving stack can serve it.
+
+    A PEFT model with a MELoRA adapter (``get_peft_model(model, MELoRAConfig(...))``) is
+    exported the same way, its active adapter (``melora.adapters.peft_melora.export_lora``).
     """
+    if hasattr(model, "peft_config") and getattr(model, CONFIG_ATTR, None) is None:
+        from melora.adapters.peft_melora import export_lora
+
+        return export_lora(model, directory, adapter_name=model.active_adapter)
     config = get_config(model)
     method = method_of(model)
     layers = adapter_layers(model)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -239,3 +240,50 @@ def register() -> bool:
         extend_enum(PeftType, PEFT_TYPE, PEFT_TYPE)
     register_peft_method(name=PEFT_NAME, config_cls=MELoRAConfig, model_cls=MELoRAModel)
     return True
+
+
+def export_lora(model: nn.Module, directory: str | Path, adapter_name: str = "default") -> Path:
+    """Write the MELoRA adapter ``adapter_name`` of a PEFT model as a standard PEFT LoRA adapter folder (for serving).
+
+    ``ΔW = s·blockdiag(B_i)·blockdiag(A_i)`` is a LoRA of rank ``R = n·r`` whose factors are the
+    block-diagonal matrices: ``lora_A.weight = blockdiag(A_i)`` ``(R, d_in)``, ``lora_B.weight =
+    blockdiag(B_i)`` ``(d_out, R)``, ``lora_alpha = s·R``. vLLM, TGI or ``PeftModel.from_pretrained``
+    with PEFT's own LoRA then reproduce the model's outputs.
+
+    Raises:
+        ValueError: no MELoRA layer holds ``adapter_name``, a layer is merged, or layers disagree on rank or scaling.
+    """
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    from melora.files import atomic_save_tensors
+
+    config = model.peft_config[adapter_name]
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, MELoRALayer) and adapter_name in m.melora_A}
+    if not layers:
+        raise ValueError(f"no MELoRA layer holds adapter '{adapter_name}'; adapters: {sorted(model.peft_config)}")
+    merged = [name for name, m in layers.items() if adapter_name in m.merged_adapters]
+    if merged:
+        raise ValueError(f"adapter '{adapter_name}' is merged in {merged[0]}; unmerge_adapter() before exporting")
+    ranks = {m.n[adapter_name] * m.r[adapter_name] for m in layers.values()}
+    scales = {m.scaling[adapter_name] for m in layers.values()}
+    if len(ranks) != 1 or len(scales) != 1:
+        raise ValueError(f"layers disagree on rank {ranks} or scaling {scales}; a PEFT LoRA config holds one of each")
+    rank, scale = ranks.pop(), scales.pop()
+    state = get_peft_model_state_dict(model, adapter_name=adapter_name)
+    tensors = {k: v.detach() for k, v in state.items() if ".melora_A" not in k and ".melora_B" not in k}
+    for key, value in state.items():
+        for packed, lora in ((".melora_A", ".lora_A.weight"), (".melora_B", ".lora_B.weight")):
+            if key.endswith(packed):
+                tensors[key.removesuffix(packed) + lora] = formulations.block_diagonal(value.detach())
+    conv1d = {bool(Conv1D and isinstance(m.get_base_layer(), Conv1D)) for m in layers.values()}
+    lora_config = LoraConfig(
+        r=rank, lora_alpha=scale * rank, lora_dropout=config.dropout, target_modules=config.target_modules,
+        exclude_modules=config.exclude_modules, modules_to_save=config.modules_to_save or None, fan_in_fan_out=conv1d == {True},
+        task_type=config.task_type, base_model_name_or_path=config.base_model_name_or_path, inference_mode=True,
+    )
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    lora_config.save_pretrained(directory)
+    atomic_save_tensors(tensors, directory / "adapter_model.safetensors")
+    return directory

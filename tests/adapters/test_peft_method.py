@@ -238,3 +238,26 @@ def test_the_adapter_config_is_peft_s_format(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no "unexpected keyword" warning on loading: every key is a field
         assert PeftConfig.from_pretrained(adapter_dir) == melora.MELoRAConfig(**{k: v for k, v in saved.items()})
+
+
+def test_export_to_plain_peft_lora_for_serving_reproduces_the_outputs(tmp_path):
+    base = tiny_bert()
+    model = get_peft_model(copy.deepcopy(base), melora.MELoRAConfig(n=4, r=2, dropout=0.0, modules_to_save=["classifier"])).eval()
+    randomize(model)
+    with torch.no_grad():
+        model.base_model.model.classifier.modules_to_save["default"].weight.add_(0.5)  # a trained head travels too
+    melora.export_peft_lora(model, tmp_path)
+    lora = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).eval()
+    assert isinstance(lora.peft_config["default"], LoraConfig) and lora.peft_config["default"].r == 8
+    x = ids()
+    with torch.no_grad():
+        assert torch.allclose(lora(input_ids=x).logits, model(input_ids=x).logits, atol=1e-5)
+
+
+def test_spectra_of_a_peft_model_have_rank_n_times_r():
+    model = get_peft_model(tiny_bert(), melora.MELoRAConfig(n=4, r=2, dropout=0.0))
+    randomize(model)
+    spectra = melora.analysis.singular_values(model)
+    assert len(spectra) == 4 and all(sp.nominal_rank == 8 for sp in spectra.values())
+    for sp in spectra.values():
+        assert int((sp.singular_values > 1e-8).sum()) == 8  # generic factors: the full rank n·r, nothing above it
