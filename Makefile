@@ -132,6 +132,13 @@ figures-heldout: $(VENV)/.installed ## Figures 4-5, held-out protocol: lr grid, 
 	$(SWEEP) figures45_heldout --profile $(PROFILE) runs_root=$(RUNS)
 	$(RESULTS) --only heldout
 
+.PHONY: glue-verdicts
+glue-verdicts: $(VENV)/.installed ## Tables 2 and 4, dev-halves protocol: bracketing lr grids, lr and n chosen on the validation half, test half reported -> results/tables/table{2,4}_verdicts.*, lr_sensitivity.*, figures/lr_sensitivity_*
+	$(SWEEP) verdicts --profile $(PROFILE) runs_root=$(RUNS)
+	$(SWEEP) verdicts_baselines --profile $(PROFILE) runs_root=$(RUNS)
+	$(SWEEP) verdicts_table4 --profile $(PROFILE) runs_root=$(RUNS)
+	$(RESULTS) --only verdicts
+
 .PHONY: scaling-study
 # Its own runs folder: its n=16 and equivalent-scaling runs must not join the choice of n in the
 # held-out Table 2. Copy the held-out per_mini records of n=2 and 8 there first to reuse them.

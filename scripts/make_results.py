@@ -5,10 +5,12 @@
     python scripts/make_results.py --runs runs/paper --out results --only table2 figure4
     python scripts/make_results.py --runs runs/mini --out results/demo --only demo --print
     python scripts/make_results.py --runs runs/mini --out results --only runs   # records + ΔW spectra, no weights
+    python scripts/make_results.py --runs runs/mini --out results --only verdicts   # dev-halves Tables 2, 4, lr curves
 
 Writes results/tables/table{2,3,4,5}.{md,csv,tex} and
 results/figures/figure{3,4,5}.{png,pdf} (`demo`, a slice of Table 2, only when
-named; `runs`, the records without weights under <out>/runs/, only when named);
+named; `runs`, the records without weights under <out>/runs/, only when named;
+`heldout` and `verdicts`, the held-out and dev-halves protocols' tables, in every full build);
 an artifact with no runs yet is skipped with a message. Nothing is typed by hand: every number comes from a
 record.json (and, for Tables 3/5, the run's eval_record.json).
 """
@@ -19,6 +21,7 @@ import argparse
 import sys
 
 from melora.report import ARTIFACTS, EXTRAS, make_results
+from melora.report.build import FULL_BUILD
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,8 +29,9 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", default="runs/mini", help="folder of run records, e.g. runs/mini (default) or runs/paper")
     parser.add_argument("--out", default="results", help="output root: <out>/tables and <out>/figures (default: results)")
+    asked_only = ", ".join(e for e in EXTRAS if e not in FULL_BUILD)
     parser.add_argument("--only", nargs="+", choices=ARTIFACTS + EXTRAS, metavar="NAME",
-                        help=f"some of {', '.join(ARTIFACTS + EXTRAS)} (default: all but {', '.join(EXTRAS)})")
+                        help=f"some of {', '.join(ARTIFACTS + EXTRAS)} (default: all but {asked_only})")
     parser.add_argument("--model", help="model name (configs/model/<name>) when the runs folder holds several")
     parser.add_argument("--profile", help="paper | mini | smoke, when the runs folder holds several")
     parser.add_argument("--threshold", type=float, default=0.1, help="Figure 3: count singular values above this (paper: 0.1)")

@@ -7,6 +7,8 @@
 ``render``   Markdown, CSV and LaTeX writers
 ``spectra``  Figure 3's statistic from saved adapters
 ``figures``  Figures 3–5 (matplotlib, Agg)
+``protocol`` the held-out protocol's Tables 2 and 4: lr and n chosen on validation, paired verdicts
+``verdicts`` the dev-halves protocol's Tables 2 and 4, lr curves and longer training (on ``protocol``)
 ``build``    everything for one runs folder (what ``scripts/make_results.py`` calls)
 """
 

@@ -13,8 +13,10 @@ from melora.report.render import to_markdown, write_table
 ARTIFACTS = ("table2", "table3", "table4", "table5", "figure3", "figure4", "figure5")
 # Written only when asked for (``make demo``; ``make results``: the records; ``make scaling-study``:
 # the scaling study, from its own runs folder), except heldout (the held-out protocol's
-# Tables 2 and 4, verdicts, Figures 4-5), which every full build writes.
-EXTRAS = ("demo", "runs", "heldout", "scaling")
+# Tables 2 and 4, verdicts, Figures 4-5) and verdicts (the dev-halves protocol's Tables 2 and 4,
+# lr curves, longer training), which every full build writes.
+EXTRAS = ("demo", "runs", "heldout", "scaling", "verdicts")
+FULL_BUILD = ("heldout", "verdicts")  # the extras a build without ``only`` writes
 
 
 def make_results(runs: str | Path, out: str | Path, only: list[str] | None = None, model: str | None = None,
@@ -29,7 +31,8 @@ def make_results(runs: str | Path, out: str | Path, only: list[str] | None = Non
     instruction-tuning run) is skipped with a message, not written empty.
     ``show`` receives each table's Markdown (``--print``).
     ``selection``: the tables and figures use the runs that chose their best
-    epoch this way (``"dev"``: the paper's protocol; ``"heldout"``).
+    epoch this way (``"dev"``: the paper's protocol; ``"heldout"``). The
+    ``heldout`` and ``verdicts`` extras read their own protocol's runs.
 
     Returns:
         Artifact name → files written.
@@ -44,14 +47,17 @@ def make_results(runs: str | Path, out: str | Path, only: list[str] | None = Non
     all_records = load_records(runs)
     records = [r for r in all_records if selection_of(r) == selection]
     written: dict[str, list[Path]] = {}
-    if only is None or "heldout" in only:
+    extras = set(FULL_BUILD if only is None else only)
+    if "heldout" in extras:
         written.update(_heldout_table(all_records, Path(out) / "tables", model, log))
-    if only is not None and "scaling" in only:
+    if "scaling" in extras:
         from melora.report.protocol import SCALING_LAYOUTS
 
         written.update(_heldout_table(all_records, Path(out) / "tables", model, log, SCALING_LAYOUTS))
+    if "verdicts" in extras:
+        written.update(_verdicts(all_records, Path(out), model, log))
     for name in only or ARTIFACTS:
-        if name in ("heldout", "scaling"):
+        if name in ("heldout", "scaling", "verdicts"):
             continue
         if name == "runs":  # the records without weights, e.g. results/runs/mini
             from melora.report.export import export_runs
@@ -96,22 +102,10 @@ def _heldout_table(records: list[dict], folder: Path, model: str | None, log: Ca
         if not table.rows:
             continue
         kept = [r for r in records if layout.keep(r.get("method_config", {}))]
-        models = sorted({str(r.get("model")) for r in kept})
-        hardware = sorted({str((r.get("device") or {}).get("cpu") or (r.get("device") or {}).get("cuda")) for r in kept})
         in_rows = [r for r in kept if r.get("method_config") and layout.row(r["method_config"]) in layout.rows]
-        note = (protocol.note(layout) + f" Model: {', '.join(models)}; hardware: {', '.join(hardware)}. "
-                + protocol.data_note(in_rows))
-        paths = [folder / f"{layout.name}.{ext}" for ext in ("md", "csv", "tex")]
-        atomic_write_text(paths[0], protocol.to_markdown(table, note))
-        atomic_write_text(paths[1], protocol.to_csv(table))
-        atomic_write_text(paths[2], protocol.to_latex(table, note))
-        log(f"{layout.name}: " + ", ".join(map(str, paths)))
-        written[layout.name] = paths
-        fig = protocol.forest_plot(table)
-        if fig is not None:
-            name = "verdicts" if layout is protocol.TABLE2 else f"verdicts_{layout.name.removesuffix('_heldout')}"
-            written[name] = save_figure(fig, folder.parent / "figures", name)
-            log(f"{name}: " + ", ".join(map(str, written[name])))
+        note = protocol.note(layout) + _provenance(kept) + protocol.data_note(in_rows)
+        figure = "verdicts" if layout is protocol.TABLE2 else f"verdicts_{layout.name.removesuffix('_heldout')}"
+        written.update(_write_protocol_table(table, note, folder, figure, log))
         if layout is protocol.SCALING and (fig := protocol.scaling_figure(table)) is not None:
             written["scaling_figure"] = save_figure(fig, folder.parent / "figures", "scaling")
             log("scaling: " + ", ".join(map(str, written["scaling_figure"])))
@@ -127,6 +121,95 @@ def _heldout_table(records: list[dict], folder: Path, model: str | None, log: Ca
             atomic_write_text(paths[1], protocol.csv_table(header, body))
             written[f"{name}_heldout"] += paths
             log(f"{name}_heldout: " + ", ".join(map(str, written[f"{name}_heldout"])))
+    return written
+
+
+def _provenance(records: list[dict]) -> str:
+    """`` Model: …; hardware: …. `` of a table's runs (between its note and its data note)."""
+    models = sorted({str(r.get("model")) for r in records})
+    hardware = sorted({str((r.get("device") or {}).get("cpu") or (r.get("device") or {}).get("cuda")) for r in records})
+    return f" Model: {', '.join(models)}; hardware: {', '.join(hardware)}. "
+
+
+def _write_protocol_table(table, note: str, folder: Path, figure: str, log: Callable[[str], None]) -> dict[str, list[Path]]:
+    """``<folder>/<table name>.{md,csv,tex}`` of a held-out or dev-halves table and its forest plot ``figures/<figure>.{png,pdf}``.
+
+    Returns:
+        Table name (and figure name, when a row has a paired difference) → files written.
+    """
+    from melora.files import atomic_write_text
+    from melora.report import protocol
+
+    paths = [folder / f"{table.layout.name}.{ext}" for ext in ("md", "csv", "tex")]
+    atomic_write_text(paths[0], protocol.to_markdown(table, note))
+    atomic_write_text(paths[1], protocol.to_csv(table))
+    atomic_write_text(paths[2], protocol.to_latex(table, note))
+    log(f"{table.layout.name}: " + ", ".join(map(str, paths)))
+    written = {table.layout.name: paths}
+    fig = protocol.forest_plot(table)
+    if fig is not None:
+        written[figure] = save_figure(fig, folder.parent / "figures", figure)
+        log(f"{figure}: " + ", ".join(map(str, written[figure])))
+    return written
+
+
+def _verdicts(records: list[dict], out: Path, model: str | None, log: Callable[[str], None]) -> dict[str, list[Path]]:
+    """The dev-halves report (:mod:`melora.report.verdicts`) from the dev-halves GLUE runs there are.
+
+    ``tables/table{2,4}_verdicts.{md,csv,tex}`` with ``figures/table{2,4}_verdicts_forest.{png,pdf}``,
+    ``figures/lr_sensitivity_<task>.{png,pdf}`` with ``tables/lr_sensitivity.{md,csv}``, and
+    ``tables/verdicts_long.{md,csv}`` when runs trained for the longer epochs (else skipped with a message).
+
+    Raises:
+        ValueError: the runs hold several models and ``model`` does not choose one.
+    """
+    from melora.files import atomic_write_text
+    from melora.report import protocol, verdicts
+    from melora.report.records import single_value
+
+    records = [r for r in records if r.get("kind") == "glue" and selection_of(r) == "dev_halves"]
+    if model is None and records:
+        model = single_value(records, "model", "model")  # a choice never mixes models
+    records = [r for r in records if r.get("model") == model]
+    if not records:
+        log("verdicts: no dev-halves runs" + (f" of {model}" if model else "") + "; skipped")
+        return {}
+    epochs = verdicts.default_epochs(records)
+    tables, figures = out / "tables", out / "figures"
+    written: dict[str, list[Path]] = {}
+    for layout in verdicts.LAYOUTS:
+        table = verdicts.build(records, layout, epochs)
+        if not table.rows:
+            log(f"{layout.name}: no dev-halves runs of its rows; skipped")
+            continue
+        kept = [r for r in records if layout.keep(r["method_config"]) and protocol.epochs_of(r) == epochs.get(r["task"])]
+        in_rows = [r for r in kept if layout.row(r["method_config"]) in layout.rows]
+        diverged = sum(bool(r.get("diverged")) for r in in_rows)
+        note = (verdicts.note(layout) + _provenance(kept) + protocol.data_note(in_rows, protocol.DEV_HALVES_SIZES)
+                + (f" Diverged runs (ranked lowest): {diverged}." if diverged else ""))
+        written.update(_write_protocol_table(table, note, tables, f"{layout.name}_forest", log))
+    lr_figures, markdown, csv = verdicts.lr_sensitivity(records, epochs)
+    for task, fig in lr_figures.items():
+        name = f"lr_sensitivity_{task}"
+        written[name] = save_figure(fig, figures, name)
+        log(f"{name}: " + ", ".join(map(str, written[name])))
+    if lr_figures:
+        written["lr_sensitivity"] = [tables / "lr_sensitivity.md", tables / "lr_sensitivity.csv"]
+        atomic_write_text(written["lr_sensitivity"][0], markdown)
+        atomic_write_text(written["lr_sensitivity"][1], csv)
+        log("lr_sensitivity: " + ", ".join(map(str, written["lr_sensitivity"])))
+    long = verdicts.long_rows(records, epochs)
+    if long is None:
+        log(f"verdicts_long: no run of {', '.join(verdicts.LONG_TASKS)} trained for {verdicts.LONG_FACTOR}x the default epochs; skipped")
+        return written
+    longer = verdicts.long_epochs(records, epochs)
+    long_runs = [r for r in records if protocol.epochs_of(r) == longer.get(r["task"])
+                 and verdicts.TABLE2_VERDICTS.row(r["method_config"]) in (protocol.REFERENCE, verdicts.BEST_OF_N)]
+    text = verdicts.long_note() + " " + protocol.data_note(long_runs, protocol.DEV_HALVES_SIZES)
+    written["verdicts_long"] = [tables / "verdicts_long.md", tables / "verdicts_long.csv"]
+    atomic_write_text(written["verdicts_long"][0], protocol.markdown_table(*long, text))
+    atomic_write_text(written["verdicts_long"][1], protocol.csv_table(*long))
+    log("verdicts_long: " + ", ".join(map(str, written["verdicts_long"])))
     return written
 
 

@@ -14,18 +14,23 @@ its training data and recorded the GLUE dev metric at that epoch
    r=8; Table 4: LoRA at the same equivalent rank), over the same seeds (same
    data order and initialisation seed), gets a 95 % t interval and a verdict.
 
-A :class:`Layout` says which rows a table holds and what each is paired with.
+A :class:`Layout` says which rows a table holds and what each is paired with;
+its :class:`Protocol` says which runs it reads and which metric it reports
+(the dev-halves protocol's tables, :mod:`melora.report.verdicts`, reuse all of
+this with the test half of the dev set in place of dev).
 
 Rows and settings come from each record's ``method_config``, never from tags.
 """
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Callable
 
 from melora.adapters import config_from_dict
+from melora.report.bracket import Bracket, bracket, ranked
 from melora.report.paper import GLUE_LABELS, GLUE_ORDER
 from melora.report.records import selection_of
 from melora.report.stats import Cell, PairedDifference, paired_difference
@@ -35,8 +40,35 @@ ROW_ORDER = ("LoRA r=8", "DyLoRA r=8", "AdaLoRA r=8", "Delta-LoRA r=8", "MELoRA 
 
 
 @dataclass(frozen=True)
+class Protocol:
+    """A selection protocol: which runs a table reads and what it reports.
+
+    Attributes:
+        split: The runs' ``selection.split`` (``"heldout"``, ``"dev_halves"``).
+        reported: Prefix of the reported metric in ``best_metrics``: ``""`` (the dev metric), ``"test_"`` (the test half's).
+        reported_name: The reported metric in column headers (``"dev"``, ``"test"``).
+        reported_label: The reported metric in figure axes (``"dev metric"``).
+        title: The protocol in a figure title (``"held-out selection"``).
+        brackets: The sweep brackets each setting's lr grid (``lr_bracket``): runs that diverged
+            enter the choice as collapsed (ranked lowest), and tables name the grid tried and why
+            a chosen lr at an edge stays there.
+    """
+
+    split: str
+    reported: str
+    reported_name: str
+    reported_label: str
+    title: str
+    brackets: bool = False
+
+
+HELDOUT = Protocol("heldout", "", "dev", "dev metric", "held-out selection")
+DEV_HALVES = Protocol("dev_halves", "test_", "test", "test-half metric", "dev-halves selection", brackets=True)
+
+
+@dataclass(frozen=True)
 class Layout:
-    """One held-out table: its rows in order, the row each is paired with, and which runs it reads.
+    """One held-out or dev-halves table: its rows in order, the row each is paired with, and which runs it reads.
 
     Attributes:
         name: File stem (``table2_heldout``) and figure suffix.
@@ -47,6 +79,9 @@ class Layout:
         setting: Method config → what a row chooses among (default :func:`setting_of`: MELoRA's n).
         versus: What the paired differences are against, in words (default: the single reference row).
         remark: A sentence the table's note ends with.
+        also: Method config → a second row the run also belongs to, or ``None`` (e.g. each n of
+            MELoRA r=1 as a row of its own beside the row that chooses n).
+        protocol: Which runs the table reads and what it reports (default: the held-out protocol).
     """
 
     name: str
@@ -58,6 +93,8 @@ class Layout:
     versus: str = ""
     remark: str = ""
     chooses_n: bool = True  # MELoRA rows choose their n (Table 2); False: every row is one setting
+    also: Callable[[dict], str | None] | None = None
+    protocol: Protocol = HELDOUT
 
     @property
     def single_reference(self) -> str | None:
@@ -132,16 +169,27 @@ def setting_of(method_config: dict) -> str:
 
 @dataclass
 class Choice:
-    """One (row, task) cell of the held-out Table 2."""
+    """One (row, task) cell of a held-out or dev-halves table.
+
+    ``reported`` is the metric the table reports at the chosen (setting, lr): dev
+    (held-out protocol) or the test half (dev-halves protocol), never used to choose.
+    """
 
     setting: str
     lr: float
     validation: Cell
-    dev: Cell
+    reported: Cell
     candidates: int  # (setting, lr) pairs the choice was made among
     lrs_tried: int = 0  # learning rates with runs for the chosen setting: below the grid's size, the lr is provisional
     edge: str = ""  # "top" / "bottom": the chosen lr is the largest / smallest tried, so the grid may not bracket the best
     versus_reference: PairedDifference | None = None
+    grid: tuple[float, ...] = ()  # the lrs tried for the chosen setting, ascending
+    bracket: Bracket | None = None  # where the chosen setting's grid stands (None: its lrs share no seed)
+
+    @property
+    def dev(self) -> Cell:
+        """The reported cell under its held-out name."""
+        return self.reported
 
 
 @dataclass
@@ -156,32 +204,47 @@ def _scaled(value: float) -> float:
     return 100.0 * value
 
 
-def collect(records: list[dict], row: Callable[[dict], str] = row_of,
-            setting: Callable[[dict], str] = setting_of) -> tuple[dict, list[str]]:
-    """``{(task, row, setting, lr): (validation Cell, dev Cell)}`` of completed held-out GLUE runs, and failed runs.
+def epochs_of(record: dict) -> int | None:
+    """The number of epochs a GLUE run trained for (``config.task.epochs``; ``None`` if its record lacks it)."""
+    return ((record.get("config") or {}).get("task") or {}).get("epochs")
 
-    ``row``, ``setting``: method config → its row and setting (default: Table 2's).
+
+def collect(records: list[dict], row: Callable[[dict], str | None] = row_of, setting: Callable[[dict], str] = setting_of,
+            protocol: Protocol = HELDOUT, epochs: dict[str, int] | None = None) -> tuple[dict, list[str]]:
+    """``{(task, row, setting, lr): (validation Cell, reported Cell)}`` of one protocol's GLUE runs, and failed runs.
+
+    ``row``, ``setting``: method config → its row (``None``: in no row) and setting (default: Table 2's).
+    ``protocol``: whose runs, and which metric the reported Cell holds (default: held-out, dev).
+    ``epochs``: task → the epochs a run must have trained for (default: any).
+    Under a protocol that ``brackets``, a diverged run enters both Cells as NaN (collapsed: it ranks
+    lowest); other failed runs are only listed.
     """
     cells: dict[tuple, tuple[Cell, Cell]] = defaultdict(lambda: (Cell(), Cell()))
     failed = []
     for r in records:
-        if r.get("kind") != "glue" or selection_of(r) != "heldout":
+        if r.get("kind") != "glue" or selection_of(r) != protocol.split:
             continue
-        if r.get("status") != "completed":
+        if epochs is not None and epochs_of(r) != epochs.get(r.get("task")):
+            continue
+        collapsed = protocol.brackets and r.get("status") == "failed" and r.get("diverged")
+        if r.get("status") != "completed" and not collapsed:
             if r.get("status") == "failed":
                 failed.append(r.get("name", r.get("run_dir", "?")))
             continue
         mc = r["method_config"]
+        if (row_name := row(mc)) is None:
+            continue
         lr = float(r["config"]["task"]["lr"])
-        validation, dev = cells[(r["task"], row(mc), setting(mc), lr)]
-        validation.values.append(_scaled(r["best_metric"]))
+        validation, reported = cells[(r["task"], row_name, setting(mc), lr)]
+        validation.values.append(math.nan if collapsed else _scaled(r["best_metric"]))
         validation.seeds.append(r["seed"])
-        dev.values.append(_scaled(r["best_metrics"][r["metric"]]))
-        dev.seeds.append(r["seed"])
+        reported.values.append(math.nan if collapsed else _scaled(r["best_metrics"][protocol.reported + r["metric"]]))
+        reported.seeds.append(r["seed"])
     return dict(cells), failed
 
 
-def _mean_on(cell: Cell, seeds: set) -> float:
+def mean_on(cell: Cell, seeds: set) -> float:
+    """The mean of ``cell`` over its values of ``seeds``."""
     values = [v for v, seed in zip(cell.values, cell.seeds) if seed in seeds]
     return sum(values) / len(values)
 
@@ -189,11 +252,12 @@ def _mean_on(cell: Cell, seeds: set) -> float:
 def choose(cells: dict, task: str, row: str) -> Choice | None:
     """The (setting, lr) of ``row`` on ``task`` with the highest mean validation metric.
 
-    The lr is chosen per setting, then the setting at its chosen lr; ties go to
-    the smaller lr, then the first setting in sorted order. Means are compared
-    over the seeds every compared candidate has (the grid's seeds), so the
-    seeds added later at the chosen lr cannot move the choice. The dev set is
-    never looked at.
+    The lr is chosen per setting (:func:`melora.report.bracket.bracket`: the
+    highest mean over the seeds every lr of the setting has, ties to the
+    smaller lr, a collapsed run ranks lowest), then the setting at its chosen
+    lr, over the seeds every finalist has; ties go to the first setting in
+    sorted order. Seeds added later at the chosen lr cannot move the choice.
+    The reported metric (dev, or the test half) is never looked at.
     """
     options = {(s, lr): c for (t, rw, s, lr), c in cells.items() if t == task and rw == row}
     if not options:
@@ -203,26 +267,46 @@ def choose(cells: dict, task: str, row: str) -> Choice | None:
         seeds = set.intersection(*(set(options[k][0].seeds) for k in keys))
         return seeds or set.union(*(set(options[k][0].seeds) for k in keys))
 
-    best_lr = {}
+    best_lr, brackets = {}, {}
     for setting in sorted({s for s, _ in options}):
-        keys = sorted(k for k in options if k[0] == setting)
-        seeds = common(keys)
-        # max keeps the first of equals: the smaller lr
-        best_lr[setting] = max(keys, key=lambda k: _mean_on(options[k][0], seeds))[1]
+        grid = sorted(lr for s, lr in options if s == setting)
+        state = bracket({lr: dict(zip(options[(setting, lr)][0].seeds, options[(setting, lr)][0].values)) for lr in grid})
+        if state.best_lr is None:  # no seed every lr has: each lr's own mean
+            state = None
+            best = max(grid, key=lambda lr: ranked(options[(setting, lr)][0].mean))
+        else:
+            best = state.best_lr
+        best_lr[setting], brackets[setting] = best, state
     finalists = [(s, lr) for s, lr in best_lr.items()]
     seeds = common(finalists)
-    setting, lr = max(finalists, key=lambda k: _mean_on(options[k][0], seeds))
-    val, dev = options[(setting, lr)]
-    tried = sorted(lr_ for s, lr_ in options if s == setting)
+    setting, lr = max(finalists, key=lambda k: ranked(mean_on(options[k][0], seeds)))
+    val, reported = options[(setting, lr)]
+    tried = tuple(sorted(lr_ for s, lr_ in options if s == setting))
     edge = "" if len(tried) < 3 else "top" if lr == tried[-1] else "bottom" if lr == tried[0] else ""
-    return Choice(setting=setting, lr=lr, validation=val, dev=dev, candidates=len(options), lrs_tried=len(tried), edge=edge)
+    return Choice(setting=setting, lr=lr, validation=val, reported=reported, candidates=len(options), lrs_tried=len(tried),
+                  edge=edge, grid=tried, bracket=brackets[setting])
 
 
-def build(records: list[dict], tasks: list[str] | None = None, layout: Layout = TABLE2) -> HeldoutTable:
-    """The held-out table ``layout`` from run records (other rows' runs are ignored)."""
+def layout_cells(records: list[dict], layout: Layout, epochs: dict[str, int] | None = None) -> tuple[dict, list[str]]:
+    """:func:`collect` for the runs and rows of ``layout`` (a run in an ``also`` row is in both of its rows).
+
+    Returns:
+        ``{(task, row, setting, lr): (validation Cell, reported Cell)}`` of ``layout.rows``, and the failed runs.
+    """
     records = [r for r in records if "method_config" not in r or layout.keep(r["method_config"])]
-    cells, failed = collect(records, layout.row, layout.setting)
-    cells = {k: v for k, v in cells.items() if k[1] in layout.rows}
+    cells, failed = collect(records, layout.row, layout.setting, layout.protocol, epochs)
+    if layout.also is not None:
+        cells |= collect(records, layout.also, layout.setting, layout.protocol, epochs)[0]
+    return {k: v for k, v in cells.items() if k[1] in layout.rows}, failed
+
+
+def build(records: list[dict], tasks: list[str] | None = None, layout: Layout = TABLE2,
+          epochs: dict[str, int] | None = None) -> HeldoutTable:
+    """The table ``layout`` from run records (other rows' runs, and other protocols', are ignored).
+
+    ``epochs``: task → the epochs its runs must have trained for (default: any).
+    """
+    cells, failed = layout_cells(records, layout, epochs)
     present = {t for (t, *_rest) in cells}
     tasks = tasks or sorted(present, key=lambda t: GLUE_ORDER.index(t) if t in GLUE_ORDER else 99)
     table = HeldoutTable(tasks=tasks, failed=failed, layout=layout)
@@ -236,7 +320,7 @@ def build(records: list[dict], tasks: list[str] | None = None, layout: Layout = 
         for task, choice in by_task.items():
             ref = table.rows.get(reference, {}).get(task)
             if ref is not None:
-                choice.versus_reference = paired_difference(choice.dev, ref.dev)
+                choice.versus_reference = paired_difference(choice.reported, ref.reported)
     return table
 
 
@@ -244,11 +328,58 @@ def _interval(ci) -> str:
     return f"[{ci[0]:.1f}, {ci[1]:.1f}]" if ci else "—"
 
 
+def lr_text(lr: float) -> str:
+    """A learning rate as the specs write it: ``1e-3``, ``3e-2``, ``2.5e-4``."""
+    mantissa, _, exponent = f"{lr:e}".partition("e")
+    return f"{float(mantissa):g}e{int(exponent)}"
+
+
+def grid_text(choice: Choice) -> str:
+    """The lrs tried for the chosen setting, ascending, marking those whose mean collapsed: ``1e-3, 3e-3, 1e-2, 3e-2 (collapsed)``."""
+    means = choice.bracket.means if choice.bracket is not None else {}
+    return ", ".join(lr_text(lr) + (" (collapsed)" if means.get(lr) == -math.inf else "") for lr in choice.grid)
+
+
+EDGE_REASONS = {"limit": "grid limit", "flat": "flat", "extend": "still being extended"}
+
+
+def edge_text(choice: Choice) -> str:
+    """Whether the chosen lr sits at an edge of its grid, and the bracket's reason: ``"top: grid limit"``, ``"—"`` (interior)."""
+    if not choice.edge:
+        return "—"
+    reason = EDGE_REASONS.get(choice.bracket.status) if choice.bracket is not None else None
+    return f"{choice.edge}: {reason}" if reason else choice.edge
+
+
+def choice_header(protocol: Protocol, reference: str | None) -> list[str]:
+    """The headers of :func:`choice_columns`; ``reference``: the one row every Δ is against (``None``: several)."""
+    reported = protocol.reported_name
+    return ["chosen", "lr", "lr at grid edge", "lrs tried", "seeds", "validation", f"{reported} mean ± std", f"{reported} 95% CI",
+            f"Δ vs {reference} (paired)" if reference else "Δ vs reference (paired)", "Δ 95% CI", "verdict"]
+
+
+def choice_columns(c: Choice, protocol: Protocol, is_reference: bool) -> list[str]:
+    """One cell's columns: chosen setting, lr, edge, lrs tried, seeds, validation, reported mean ± std and CI, Δ, its CI, verdict.
+
+    Under a protocol that ``brackets``, 'lrs tried' lists the grid and 'lr at grid edge' gives the bracket's reason.
+    ``is_reference``: the row is another's reference (its verdict column says so).
+    """
+    std = f" ± {c.reported.std:.1f}" if c.reported.std is not None else ""
+    d = c.versus_reference
+    if protocol.brackets:
+        lr, edge, tried = lr_text(c.lr), edge_text(c), grid_text(c)
+    else:
+        lr, edge, tried = f"{c.lr:g}", c.edge or "—", str(c.lrs_tried)
+    return [c.setting, lr, edge, tried, str(c.reported.n), f"{c.validation.mean:.1f}",
+            f"{c.reported.mean:.1f}{std}", _interval(c.reported.ci95),
+            f"{d.mean:+.1f}" if d and d.mean is not None else "—", _interval(d.ci) if d else "—",
+            d.verdict if d else ("reference" if is_reference else "—")]
+
+
 def to_rows(table: HeldoutTable) -> tuple[list[str], list[list[str]]]:
-    """Header and body of the long-format table: one line per (row, task)."""
+    """Header and body of the long-format table: one line per (row, task) (columns: :func:`choice_columns`)."""
     layout, single = table.layout, table.layout.single_reference
-    header = ["method", "task", "chosen", "lr", "lr at grid edge", "lrs tried", "seeds", "validation", "dev mean ± std", "dev 95% CI",
-              f"Δ vs {single} (paired)" if single else "Δ vs reference (paired)", "Δ 95% CI", "verdict"]
+    header = ["method", "task", *choice_header(layout.protocol, single)]
     drop_chosen = not layout.chooses_n and all(c.setting == "-" for by_task in table.rows.values() for c in by_task.values())
     if drop_chosen:
         header.remove("chosen")  # one setting per row: nothing is chosen but the lr
@@ -260,16 +391,7 @@ def to_rows(table: HeldoutTable) -> tuple[list[str], list[list[str]]]:
             c = by_task.get(task)
             if c is None:
                 continue
-            std = f" ± {c.dev.std:.1f}" if c.dev.std is not None else ""
-            d = c.versus_reference
-            is_reference = row in layout.references.values()
-            line = [
-                row, GLUE_LABELS.get(task, task), c.setting, f"{c.lr:g}", c.edge or "—", str(c.lrs_tried), str(c.dev.n),
-                f"{c.validation.mean:.1f}",
-                f"{c.dev.mean:.1f}{std}", _interval(c.dev.ci95),
-                f"{d.mean:+.1f}" if d and d.mean is not None else "—", _interval(d.ci) if d else "—",
-                d.verdict if d else ("reference" if is_reference else "—"),
-            ]
+            line = [row, GLUE_LABELS.get(task, task), *choice_columns(c, layout.protocol, row in layout.references.values())]
             if not single:
                 line.insert(-3, layout.references.get(row, "—"))
             if drop_chosen:
@@ -358,8 +480,9 @@ def forest_plot(table: HeldoutTable):
     ax.set_yticks(range(len(lines)), [label(row, task, d) for row, task, d in reversed(lines)])
     ax.axvline(0, color="black", lw=0.8)
     versus = table.layout.against
-    ax.set_xlabel(f"dev metric ×100: paired difference to {versus}, 95 % t CI over seeds", fontsize=9)
-    ax.set_title("held-out selection; green: better, red: worse, grey: no detectable difference", fontsize=9)
+    protocol = table.layout.protocol
+    ax.set_xlabel(f"{protocol.reported_label} ×100: paired difference to {versus}, 95 % t CI over seeds", fontsize=9)
+    ax.set_title(f"{protocol.title}; green: better, red: worse, grey: no detectable difference", fontsize=9)
     fig.tight_layout()
     return fig
 
@@ -407,9 +530,15 @@ def scaling_figure(table: HeldoutTable):
     return fig
 
 
-def data_note(records: list[dict]) -> str:
-    """Per task: training examples (after the held-out split), held-out and dev sizes, epochs; and the seeds.
+HELDOUT_SIZES = (("heldout", "held-out"), ("validation", "dev"))
+DEV_HALVES_SIZES = (("val", "validation half"), ("test", "test half"))
 
+
+def data_note(records: list[dict], evaluated: tuple[tuple[str, str], ...] = HELDOUT_SIZES) -> str:
+    """Per task: training examples, the evaluated sets' sizes and epochs; and the seeds.
+
+    ``evaluated``: ``(eval_sizes key, name)`` of each evaluated set (default: the held-out split, after
+    which the training examples are counted, and dev; :data:`DEV_HALVES_SIZES`: the dev halves).
     A size a record lacks (records from before the split existed) shows as ``None``.
     """
     sizes: dict[str, set] = defaultdict(set)
@@ -418,13 +547,13 @@ def data_note(records: list[dict]) -> str:
         if r.get("status") != "completed":
             continue
         evals, task = r.get("eval_sizes") or {}, r.get("task")
-        epochs = ((r.get("config") or {}).get("task") or {}).get("epochs")
-        sizes[task].add((r.get("train_size"), evals.get("heldout"), evals.get("validation"), epochs))
+        sizes[task].add((r.get("train_size"), *(evals.get(key) for key, _ in evaluated), epochs_of(r)))
         seeds.add(r.get("seed"))
     order = sorted(sizes, key=lambda t: GLUE_ORDER.index(t) if t in GLUE_ORDER else 99)
 
     def one(task: str) -> str:
-        parts = [f"train {t}, held-out {h}, dev {d}, {e} epochs" for t, h, d, e in sorted(sizes[task], key=str)]
+        parts = [", ".join([f"train {train}", *(f"{name} {size}" for (_, name), size in zip(evaluated, rest)), f"{epochs} epochs"])
+                 for train, *rest, epochs in sorted(sizes[task], key=str)]
         return f"{GLUE_LABELS.get(task, task)} " + " / ".join(parts)
 
     return ("Data (examples): " + "; ".join(one(t) for t in order) + f". Seeds: {', '.join(map(str, sorted(seeds, key=str)))}."

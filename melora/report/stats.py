@@ -43,13 +43,16 @@ class Cell:
 def t_interval(values: list[float], confidence: float = 0.95) -> tuple[float, float] | None:
     """Two-sided t confidence interval for the mean of ``values`` (``None`` below 2 values).
 
-    ``mean ± t_{(1+confidence)/2, n-1} · s / sqrt(n)`` with the sample std ``s`` (ddof = 1).
+    ``mean ± t_{(1+confidence)/2, n-1} · s / sqrt(n)`` with the sample std ``s`` (ddof = 1);
+    ``(nan, nan)`` when a value is NaN (a collapsed run: its metric is undefined).
     """
     from scipy.stats import t
 
     n = len(values)
     if n < 2:
         return None
+    if any(math.isnan(v) for v in values):
+        return math.nan, math.nan
     mean = statistics.fmean(values)
     half = t.ppf((1 + confidence) / 2, n - 1) * statistics.stdev(values) / math.sqrt(n)
     return mean - half, mean + half
@@ -61,7 +64,8 @@ class PairedDifference:
 
     ``verdict``: ``"better"`` / ``"worse"`` when the CI excludes 0 (``"better"``
     means a higher metric), ``"no detectable difference"`` when it contains 0,
-    ``"too few seeds"`` below two pairs.
+    ``"too few seeds"`` below two pairs, ``"collapsed run"`` when a paired run
+    diverged or its metric is undefined (NaN).
     """
 
     seeds: list[int]
@@ -71,6 +75,8 @@ class PairedDifference:
 
     @property
     def verdict(self) -> str:
+        if self.mean is not None and math.isnan(self.mean):
+            return "collapsed run"
         if self.ci is None:
             return "too few seeds"
         low, high = self.ci
