@@ -27,17 +27,16 @@ class LayerSpectrum:
 
 def _updates(model: nn.Module, adapter: str | None):
     """``(layer path, ΔW in float64, nominal rank)`` of every adapted layer (``melora.inject`` or a PEFT MELoRA model)."""
-    from melora.adapters.melora import delta_weight
-    from melora.adapters.peft_melora import MELoRALayer
+    from melora.adapters.melora import MELoRALayer, delta_weight
 
     for name, module in model.named_modules():
-        if isinstance(module, AdapterLayer):
-            yield name, module.delta_weight(torch.float64), getattr(module, "equivalent_rank", getattr(module, "r", None))
-        elif isinstance(module, MELoRALayer):
+        if isinstance(module, MELoRALayer):
             chosen = adapter or module.active_adapters[0]
             if chosen in module.melora_A:
-                delta = delta_weight(module.melora_A[chosen], module.melora_B[chosen], module.scaling[chosen], torch.float64)
-                yield name, delta, module.n[chosen] * module.r[chosen]
+                delta = delta_weight(module.melora_A[chosen], module.melora_B[chosen], module.melora_scaling[chosen], torch.float64)
+                yield name, delta, module.melora_n[chosen] * module.melora_r[chosen]
+        elif isinstance(module, AdapterLayer):
+            yield name, module.delta_weight(torch.float64), getattr(module, "equivalent_rank", getattr(module, "r", None))
 
 
 def singular_values(model: nn.Module, threshold: float = 0.1, adapter: str | None = None) -> dict[str, LayerSpectrum]:

@@ -22,7 +22,7 @@ from melora.adapters.delta_lora import DeltaLoRAConfig, DeltaLoRALinear
 from melora.adapters.dylora import DyLoRAConfig, DyLoRALinear
 from melora.adapters.inject import describe, get_config, inject, merge_and_unload
 from melora.adapters.io import export_peft_lora, load_adapter, read_adapter_config, save_adapter
-from melora.adapters.melora import LoRAConfig, MELoRAConfig, MELoRALinear
+from melora.adapters.melora import LoRAConfig, MELoRAConfig, MELoRALayer, MELoRALinear
 from melora.adapters.peft_melora import MELoRAModel
 from melora.adapters.peft_melora import register as _register_with_peft
 

@@ -254,9 +254,20 @@ class AdapterLayer(nn.Module):
         return {name: getattr(self, name) for name in self.adapter_param_names}
 
 
-def adapter_layers(model: nn.Module, kind: type[AdapterLayer] = AdapterLayer) -> dict[str, AdapterLayer]:
-    """Adapted layers of ``model`` by module path."""
-    return {name: m for name, m in model.named_modules() if isinstance(m, kind)}
+# Adapter layer classes. MELoRA's layer is PEFT's tuner layer (a BaseTunerLayer, not an AdapterLayer
+# subclass: the two disagree on what `merged` is); its method file adds it here.
+ADAPTER_LAYER_TYPES: list[type] = [AdapterLayer]
+
+
+def is_adapter_layer(module: nn.Module) -> bool:
+    """Whether ``module`` is an adapter layer of any registered kind."""
+    return isinstance(module, tuple(ADAPTER_LAYER_TYPES))
+
+
+def adapter_layers(model: nn.Module, kind: type | None = None) -> dict[str, AdapterLayer]:
+    """Adapted layers of ``model`` by module path (of ``kind``; default: every adapter layer)."""
+    kinds = kind or tuple(ADAPTER_LAYER_TYPES)
+    return {name: m for name, m in model.named_modules() if isinstance(m, kinds)}
 
 
 # ---- finding the layers to adapt ----------------------------------------------
@@ -287,7 +298,7 @@ def find_targets(model: nn.Module, config: AdapterConfig) -> list[str]:
     for name, module in model.named_modules():
         if not name or not matches(name, config.target_modules):
             continue
-        if isinstance(module, AdapterLayer):
+        if is_adapter_layer(module):
             raise ValueError(f"layer '{name}' already has an adapter; inject into a fresh base model")
         if not is_adaptable(module):
             raise ValueError(
@@ -407,7 +418,7 @@ class AdapterMethod:
     # -- describing and saving
     def layer_summary(self, name: str, module: nn.Module) -> LayerSummary | None:
         """``describe``'s row for ``module``, or ``None`` if it is not an adapter layer."""
-        if not isinstance(module, AdapterLayer):
+        if not is_adapter_layer(module):
             return None
         params = sum(p.numel() for p in module.adapter_parameters().values())
         return LayerSummary(name, type(module).__name__, module.d_in, module.d_out, module.n, module.r, module.equivalent_rank, params)

@@ -15,9 +15,10 @@ def test_inject_bert_freezes_by_type(bert):
     layers = melora.adapter_layers(model)
     assert sorted(layers) == [f"bert.encoder.layer.{i}.attention.self.{p}" for i in range(2) for p in ("query", "value")]
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    expected = {f"{n}.{p}" for n in layers for p in ("lora_A", "lora_B")} | {"classifier.weight", "classifier.bias"}
+    # The layers are PEFT's MELoRA tuner layers with one adapter, PEFT's "default".
+    expected = {f"{n}.melora_{p}.default" for n in layers for p in ("A", "B")} | {"classifier.weight", "classifier.bias"}
     assert trainable == expected
-    assert all(isinstance(l, melora.MELoRALinear) and isinstance(l.base_layer, nn.Linear) for l in layers.values())
+    assert all(isinstance(l, melora.MELoRALayer) and isinstance(l.base_layer, nn.Linear) for l in layers.values())
 
 
 def test_inject_llama_and_gpt2_conv1d(llama, gpt2):

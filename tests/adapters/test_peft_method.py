@@ -78,7 +78,7 @@ def test_peft_layer_equals_the_definition_and_the_inject_layer():
         x = torch.randn(3, 5, layer.in_features, dtype=torch.float64)
         base_layer = layer.get_base_layer()
         expected = reference_forward(x, base_layer.weight.double(), layer.melora_A["default"].double(),
-                                     layer.melora_B["default"].double(), layer.scaling["default"]) + base_layer.bias.double()
+                                     layer.melora_B["default"].double(), layer.melora_scaling["default"]) + base_layer.bias.double()
         assert torch.allclose(layer(x.float()).double(), expected, atol=1e-5)
     x = ids()
     assert torch.allclose(peft_model(input_ids=x).logits, injected(input_ids=x).logits, atol=1e-6)
