@@ -11,6 +11,7 @@ peak memory, throughput, package versions, git commit and device.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -60,8 +61,13 @@ def package_versions() -> dict[str, str | None]:
     return out
 
 
+@functools.cache
 def git_commit() -> str | None:
-    """HEAD of the checkout this package runs from (``-dirty`` with uncommitted changes); None outside git."""
+    """HEAD of the checkout this package runs from (``-dirty`` with uncommitted changes); None outside git.
+
+    Read once per process: a sweep's worker process trains many runs with the code it
+    imported at its first, so a later commit must not be recorded as theirs.
+    """
     root = Path(__file__).resolve().parent  # git finds the work tree from any folder inside it
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
