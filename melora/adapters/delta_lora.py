@@ -1,4 +1,11 @@
-"""Delta-LoRA (Zi et al. 2023): LoRA whose product's change is also written into ``W``."""
+"""Delta-LoRA (Zi et al. 2023): LoRA whose product's change is also written into ``W``.
+
+Not a registered PEFT method, on purpose: training moves the frozen base weight
+itself, and PEFT's adapter files hold adapter parameters only (a PEFT Delta-LoRA
+adapter would load onto the original ``W`` and give other outputs); its update
+also needs the hooks around each optimiser step that a PEFT tuner lacks. Its
+layer is MELoRA's with ``n = 1``; ``melora.save_adapter`` stores the moved ``W``.
+"""
 
 from __future__ import annotations
 

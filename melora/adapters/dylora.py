@@ -1,4 +1,11 @@
-"""DyLoRA (Valipour et al. 2023): one LoRA trained at every rank ``b ≤ r``."""
+"""DyLoRA (Valipour et al. 2023): one LoRA trained at every rank ``b ≤ r``.
+
+Not a registered PEFT method, on purpose: its training draws a rank before every
+optimiser step (``DyLoRAMethod.on_step_begin``), and a PEFT tuner has no step hook.
+Handed to PEFT tools (``get_peft_model``, TRL's ``peft_config=``) it would train
+silently as a plain rank-``r`` LoRA whenever the caller forgot ``MELoRACallback``.
+``melora.inject`` plus our trainer or ``MELoRACallback`` always call the hook.
+"""
 
 from __future__ import annotations
 
