@@ -54,7 +54,7 @@ LAYER_WIDE ?= 4096x512
 LAYER_DTYPE ?= fp32
 LAYER_TAG := $(if $(filter fp32,$(LAYER_DTYPE)),,-$(LAYER_DTYPE))
 LOCKSTEP := --lockstep --min-reps 25 --max-reps 25 --n 1,2,4,8,16,64 --r 1,2,8 --dtype $(LAYER_DTYPE)
-bench-layer: $(VENV)/.installed ## Issue-12 targets: MELoRALinear vs PEFT LoRA vs the per-mini-LoRA loop, paired lockstep rounds, 2 and 1 threads (LAYER_DTYPE=bf16 for bf16) -> results/bench/layer*-lockstep.{csv,md}
+bench-layer: $(VENV)/.installed ## Layer speed targets: MELoRALinear vs PEFT LoRA vs the per-mini-LoRA loop, paired lockstep rounds, 2 and 1 threads (LAYER_DTYPE=bf16 for bf16) -> results/bench/layer*-lockstep.{csv,md}
 	$(BENCH_ENV) $(PY) scripts/bench_layer.py --out results/bench --name layer$(LAYER_TAG)-lockstep --shapes $(LAYER_SHAPES) $(LOCKSTEP) --threads 2
 	$(BENCH_ENV) OMP_NUM_THREADS=1 $(PY) scripts/bench_layer.py --out results/bench --name layer-1thread$(LAYER_TAG)-lockstep --shapes $(LAYER_SHAPES) $(LOCKSTEP) --threads 1
 	$(BENCH_ENV) $(PY) scripts/bench_layer.py --out results/bench --name layer$(LAYER_TAG)-d4096-lockstep --shapes $(LAYER_WIDE) --modes fwdbwd $(LOCKSTEP) --threads 2

@@ -101,7 +101,7 @@ import melora
 from melora import MELoRALinear
 from melora.adapters.melora import PATHS
 
-FULL_GRID = {"d": [768, 4096], "n": [1, 2, 4, 8, 16, 64], "r": [1, 2, 8], "tokens": [512, 4096]}  # issue 12's grid
+FULL_GRID = {"d": [768, 4096], "n": [1, 2, 4, 8, 16, 64], "r": [1, 2, 8], "tokens": [512, 4096]}  # the targets' grid
 QUICK_GRID = {"d": [768], "n": [1, 4, 16, 64], "r": [1, 8], "tokens": [512]}
 SEQ_LEN = 512  # tokens are laid out as (T / SEQ_LEN, SEQ_LEN, d) batches, as in a network
 ALPHA = 16.0

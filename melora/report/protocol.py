@@ -438,7 +438,7 @@ def note(layout: Layout) -> str:
 
 
 NOTE = (
-    "Held-out protocol (issue 10). Each run picks its best epoch on a fixed held-out 10 % (≥ 200 examples) of its "
+    "Held-out protocol. Each run picks its best epoch on a fixed held-out 10 % (≥ 200 examples) of its "
     "training subset; the lr of each setting, then MELoRA's n, are chosen by the mean held-out metric over seeds "
     "('validation', ×100); 'dev' is the GLUE dev metric ×100 at the chosen epoch, never used to choose. "
     "CI: 95 % t interval over seeds; Δ: paired over common seeds against LoRA r=8 at its own chosen lr. "
