@@ -131,6 +131,10 @@ class MELoRAConfig(AdapterConfig, PeftConfig):
             ``init_lora_weights="gaussian"``). ``B_i`` is always zero.
         exclude_modules: Layers never to adapt (PEFT's rule; ``None``: none).
 
+    The defaults (``n = 8``, ``r = 1``) are the paper's headline setting, 8x fewer
+    parameters than LoRA r=8 at the same equivalent rank; ``configs/method/melora.yaml``
+    defaults to the official GLUE script's ``n = 2``, ``r = 8`` instead.
+
     It is also a PEFT config: ``peft.get_peft_model(model, MELoRAConfig(...))``
     (after ``import melora``), with PEFT's ``task_type``, ``inference_mode`` and
     ``base_model_name_or_path``; ``to_dict()`` is PEFT's ``adapter_config.json``.

@@ -86,11 +86,6 @@ class GlueTask:
         return 1 if self.label_names is None else len(self.label_names)
 
     @property
-    def id2label(self) -> dict[int, str]:
-        """dict[int, str]: Label id -> name (empty for regression)."""
-        return dict(enumerate(self.label_names or ()))
-
-    @property
     def label2id(self) -> dict[str, int]:
         """dict[str, int]: Label name -> id (empty for regression)."""
         return {name: i for i, name in enumerate(self.label_names or ())}

@@ -73,11 +73,6 @@ def locked_record(run_dir: str | os.PathLike) -> dict:
     return {"status": LOCKED, "run_dir": str(run_dir), "lock": str(lock_path(run_dir))}
 
 
-def is_locked(record: Any) -> bool:
-    """Whether ``record`` is :func:`locked_record`'s: the run was skipped, not trained."""
-    return isinstance(record, dict) and record.get("status") == LOCKED
-
-
 def exclusive_run(entry: F) -> F:
     """Decorator for a run entry ``entry(cfg, ...)`` (``cfg.run_dir`` is its folder).
 
