@@ -10,6 +10,12 @@ Three lines put MELoRA into a Hugging Face model through PEFT::
 ``load_adapter``, ``export_peft_lora`` and ``melora.analysis`` (spectra of ``ΔW``) work as well.
 """
 
+import logging as _logging
+
+# bitsandbytes, which PEFT imports when it is installed, warns at import that it could not fetch an
+# optional CPU kernel from the hub (always, offline); its built-in kernel is used instead.
+_logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(lambda record: "kernels-community" not in record.getMessage())
+
 from melora import analysis
 from melora.adapters import (
     AdaLoRAConfig,
