@@ -111,6 +111,13 @@ def _heldout_table(records: list[dict], folder: Path, model: str | None, log: Ca
             log("scaling: " + ", ".join(map(str, written["scaling_figure"])))
     if layouts is not None:  # the scaling study has no Figures 4-5
         return written
+    header, body = protocol.selection_signal_rows(records)
+    if body:
+        paths = [folder / "heldout_selection_signal.md", folder / "heldout_selection_signal.csv"]
+        atomic_write_text(paths[0], protocol.markdown_table(header, body, protocol.SELECTION_SIGNAL_NOTE.format(seed=0)))
+        atomic_write_text(paths[1], protocol.csv_table(header, body))
+        written["heldout_selection_signal"] = paths
+        log("heldout_selection_signal: " + ", ".join(map(str, paths)))
     for name, x, fixed in (("figure4", "n", (2, 4)), ("figure5", "r", (1, 2))):  # each point at the lr its validation metric chose
         fig = FIGURES[name](records, model=model, heldout=True)
         if fig is not None:

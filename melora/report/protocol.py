@@ -573,3 +573,47 @@ def to_latex(table: HeldoutTable, note: str = "") -> str:
     lines += [r"\bottomrule", r"\end{tabular}", rf"\caption{{{latex_escape(note)}{latex_escape(failed)}}}",
               rf"\label{{tab:{table.layout.name.replace('_', '-')}}}", r"\end{table*}"]
     return "\n".join(lines) + "\n"
+
+
+def selection_signal_rows(records: list[dict], seed: int = 0) -> tuple[list[str], list[list[str]]]:
+    """Why held-out selection was superseded: per task and setting, the dev and the held-out metric at each lr of one seed.
+
+    For each (task, setting) of the held-out records at ``seed``: the learning rates, the GLUE dev
+    metric ×100 and the held-out metric ×100 at each, the lr each of the two would pick (highest;
+    ties to the smaller lr) and each metric's spread over the grid (max − min). A held-out split
+    whose spread is small next to dev's cannot rank the learning rates that dev tells apart.
+    Returns ``(header, body)``.
+    """
+    by_setting: dict[tuple, dict[float, tuple[float, float]]] = defaultdict(dict)
+    for r in records:
+        if r.get("kind") != "glue" or selection_of(r) != "heldout" or r.get("status") != "completed" or r.get("seed") != seed:
+            continue
+        mc = r.get("method_config") or {}
+        metric = r["metric"]
+        key = (r["task"], config_from_dict(mc).label())
+        by_setting[key][float(r["config"]["task"]["lr"])] = (_scaled(r["best_metrics"][metric]), _scaled(r["best_metric"]))
+    header = ["task", "setting", "lrs", "dev", "held-out", "held-out picks", "dev would pick", "dev spread", "held-out spread"]
+    body = []
+    order = sorted(by_setting, key=lambda k: (GLUE_ORDER.index(k[0]) if k[0] in GLUE_ORDER else 99, k[1]))
+    for task, label in order:
+        points = by_setting[(task, label)]
+        lrs = sorted(points)
+        if len(lrs) < 2:
+            continue
+        dev, held = [points[lr][0] for lr in lrs], [points[lr][1] for lr in lrs]
+
+        def pick(values: list[float]) -> str:
+            return f"{lrs[max(range(len(lrs)), key=lambda i: (values[i], -i))]:g}"
+
+        body.append([GLUE_LABELS.get(task, task), label, " / ".join(f"{lr:g}" for lr in lrs), " / ".join(f"{v:.1f}" for v in dev),
+                     " / ".join(f"{v:.1f}" for v in held), pick(held), pick(dev), f"{max(dev) - min(dev):.1f}", f"{max(held) - min(held):.1f}"])
+    return header, body
+
+
+SELECTION_SIGNAL_NOTE = (
+    "Why the held-out protocol was superseded (seed {seed}, every setting with a learning-rate grid). Held-out selection chose "
+    "each run's epoch and each row's lr on a split of the training subset; 'dev' is the GLUE dev metric ×100, 'held-out' "
+    "the selection metric ×100, at each lr. Where the held-out spread over the grid is small next to dev's, or the two pick "
+    "different learning rates, the selection signal cannot make the choice the reported metric depends on. The dev-halves "
+    "protocol (table2_verdicts) selects on half of the dev set instead and reports the other half."
+)

@@ -160,3 +160,15 @@ def test_a_chosen_lr_at_the_edge_of_its_grid_is_flagged():
     rows = build(top + middle + bottom).rows["LoRA r=8"]
     assert (rows["sst2"].edge, rows["mrpc"].edge, rows["cola"].edge) == ("top", "", "bottom")
     assert build(top[1:]).rows["LoRA r=8"]["sst2"].edge == ""  # two lrs tried: provisional, no edge claimed
+
+
+def test_selection_signal_table_shows_what_each_metric_would_pick():
+    from melora.report.protocol import selection_signal_rows
+
+    records = [record("sst2", "lora", lr, 0, val, dev) for lr, val, dev in ((3e-4, 0.865, 0.767), (1e-3, 0.868, 0.786), (3e-3, 0.862, 0.797))]
+    records.append(record("sst2", "lora", 1e-3, 1, 0.1, 0.1))  # another seed: not read
+    header, body = selection_signal_rows(records, seed=0)
+    row = dict(zip(header, body[0]))
+    assert row["setting"] == "LoRA r=8" and row["dev"] == "76.7 / 78.6 / 79.7" and row["held-out"] == "86.5 / 86.8 / 86.2"
+    assert (row["held-out picks"], row["dev would pick"]) == ("0.001", "0.003")
+    assert row["dev spread"] == "3.0" and row["held-out spread"] == "0.6"
