@@ -50,7 +50,7 @@ def test_spec_sweep_runs_the_missing_runs_in_parallel_and_skips_complete_ones(tm
     out = first.stdout + first.stderr
     assert first.returncode == 1, out[-3000:]
     assert "tiny (smoke): 3 runs, 0 complete, 3 to run" in out
-    assert "1 completed, 1 locked, 1 failed" in out
+    assert "1 completed, 0 diverged, 1 locked, 1 failed" in out
     assert f"locked (another process trains it): {held}" in out
     assert "FAILED: " in out and "n7" in out.split("FAILED: ")[1].splitlines()[0]
     assert "is not divisible by n=7" in out
@@ -60,7 +60,7 @@ def test_spec_sweep_runs_the_missing_runs_in_parallel_and_skips_complete_ones(tm
     holder.wait()
     second = sweep(spec, runs)
     out = second.stdout + second.stderr
-    assert "tiny (smoke): 3 runs, 1 complete, 2 to run" in out and "1 completed, 0 locked, 1 failed" in out
+    assert "tiny (smoke): 3 runs, 1 complete, 2 to run" in out and "1 completed, 0 diverged, 0 locked, 1 failed" in out
     records = [r for r in load_records(runs) if r.get("status") == "completed"]
     assert sorted(label_of(r) for r in records) == ["MELoRA n=2 r=1", "MELoRA n=4 r=1"]
 
