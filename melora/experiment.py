@@ -97,16 +97,6 @@ def check_run_dir(run_dir: Path, config: dict) -> dict | None:
     return record
 
 
-def _raised_by_melora(err: BaseException) -> bool:
-    """Whether the innermost frame of ``err``'s traceback is in the melora package."""
-    tb = err.__traceback__
-    while tb is not None and tb.tb_next is not None:
-        tb = tb.tb_next
-    if tb is None:
-        return False
-    return Path(tb.tb_frame.f_code.co_filename).resolve().is_relative_to(PACKAGE_DIR)
-
-
 def _multirun() -> bool:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
@@ -114,33 +104,296 @@ def _multirun() -> bool:
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
+def _entry_module() -> str:
+    """The ``-m`` module this process runs (``melora.glue``, ``melora.instructeval``, …)."""
+    path = Path(sys.argv[0]).resolve()
+    if path.is_relative_to(PACKAGE_DIR.parent) and path.suffix == ".py":
+        parts = path.relative_to(PACKAGE_DIR.parent).with_suffix("").parts
+        return ".".join(parts[:-1] if parts[-1] == "__main__" else parts)
+    return "melora.glue"
+
+
+def interrupted_run(cfg: DictConfig | None) -> str:
+    """The summary line of a run stopped by Ctrl-C or SIGTERM: where it stopped, what is kept, and the command that resumes."""
+    from melora.cli import resume_command
+    from melora.runs import EVAL_RECORD, read_json_object
+    from melora.train.checkpoint import checkpoint_folder
+
+    command = resume_command(_entry_module())
+    run_dir = Path(cfg.run_dir) if cfg is not None and OmegaConf.select(cfg, "run_dir") else None
+    if run_dir is None:
+        return f"interrupted before the run started; rerun the same command to start it: {command}"
+    record = read_record(run_dir)
+    if record is not None and record.get("status") == "completed":
+        return f"interrupted after {run_dir} completed: its record and adapter are complete, nothing to resume"
+    if (run_dir / EVAL_RECORD).is_file():
+        try:
+            done = list(read_json_object(run_dir / EVAL_RECORD).get("results", {}))
+        except (OSError, ValueError):
+            done = []
+        return (f"interrupted: the evaluation in {run_dir} finished {', '.join(done) or 'no benchmark'}; "
+                f"rerun the same command to resume at the next benchmark: {command}")
+    state = checkpoint_folder(run_dir) / "state.json"
+    try:
+        step = read_json_object(state)["global_step"]
+    except (OSError, ValueError, KeyError):
+        return f"interrupted: {run_dir} stopped before its first checkpoint; rerun the same command to start it again: {command}"
+    total = f" of {record['total_steps']}" if record is not None and record.get("total_steps") else ""
+    return (f"interrupted: {run_dir} stopped; its last checkpoint (step {step}{total}) and record are kept: "
+            f"rerun the same command to resume from it: {command}")
+
+
+def _no_tqdm_process_lock() -> None:
+    """Keep tqdm from creating its multiprocessing lock in a sweep's worker process.
+
+    A lock made in the worker is shared with no other process, and it is a named
+    semaphore registered with the resource tracker: when Ctrl-C kills the worker,
+    the tracker reports it as leaked.
+    """
+    from tqdm.std import TqdmDefaultWriteLock
+
+    if not hasattr(TqdmDefaultWriteLock, "mp_lock"):
+        TqdmDefaultWriteLock.mp_lock = None
+
+
 def cli_errors(main):
-    """Decorator for a Hydra task function: a configuration error is one line, not a traceback.
+    """Decorator for a Hydra task function: an error the user can fix is one line, not a traceback; Ctrl-C stops cleanly.
 
     A ``ValueError`` (or ``FileNotFoundError``) raised by melora's own code
     (``method.n`` that does not divide the layers, an unknown ``scaling``, a
-    run folder that holds another config, no adapter in ``adapter_dir``, …)
-    ends the command with ``Error: <message>`` on one line of stderr and exit
-    status 1; under ``-m`` Hydra reports it in one line and goes on with the
-    sweep's other jobs. ``HYDRA_FULL_ERROR=1`` gives the full traceback; errors
-    raised outside melora keep Hydra's usual report. Put it under ``@hydra.main``.
+    run folder that holds another config, no adapter in ``adapter_dir``, a
+    damaged file, …) and a full disk end the command with ``Error: <message>``
+    on one line of stderr and exit status 1 (:func:`melora.cli.error_line`);
+    under ``-m`` Hydra reports it in one line and goes on with the sweep's
+    other jobs. ``HYDRA_FULL_ERROR=1`` gives the full traceback; errors raised
+    outside melora keep Hydra's usual report.
+
+    Outside a multirun, SIGINT (Ctrl-C) and SIGTERM stop the run at once
+    (:func:`melora.cli.stop_signals`; a second one ends the process without
+    waiting): the last checkpoint and the record stay as they were written, and
+    one line says where the run stopped and the command that resumes it (exit
+    status 130, 143 for SIGTERM). In a multirun the sweep handles them
+    (:func:`melora.sweep.sweep_specs`). Put it under ``@hydra.main``.
     """
     from hydra.errors import CompactHydraException
 
+    from melora.cli import error_line, stop_signals
+
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
-        try:
-            return main(*args, **kwargs)
-        except (ValueError, FileNotFoundError) as err:
-            if os.environ.get("HYDRA_FULL_ERROR") == "1" or not _raised_by_melora(err):
-                raise
-            message = "Error: " + " ".join(str(err).split("\n"))
-            if _multirun():  # Hydra reports it and goes on with the sweep's other jobs
-                raise CompactHydraException(message) from None
-            print(message, file=sys.stderr, flush=True)
-            raise SystemExit(1) from None
+        if _multirun():
+            _no_tqdm_process_lock()
+            try:
+                return main(*args, **kwargs)
+            except (ValueError, OSError) as err:
+                line = error_line(err)
+                if line is None:
+                    raise
+                raise CompactHydraException(line) from None  # Hydra reports it and goes on with the sweep's other jobs
+        with stop_signals() as stop:
+            try:
+                return main(*args, **kwargs)
+            except KeyboardInterrupt:
+                print(interrupted_run(args[0] if args else None), file=sys.stderr, flush=True)
+                raise SystemExit(stop.status) from None
+            except (ValueError, OSError) as err:
+                line = error_line(err)
+                if line is None:
+                    raise
+                print(line, file=sys.stderr, flush=True)
+                raise SystemExit(1) from None
 
     return wrapper
+
+
+_ABSENT = object()
+
+
+def _check_number(cfg: DictConfig, key: str, minimum: float, *, integer: bool = True, nullable: bool = False,
+                  maximum: float | None = None, above: bool = False, example: str = "") -> None:
+    """Raise the one-line ``ValueError`` for setting ``key`` of ``cfg`` outside ``[minimum, maximum]`` (``above``: ``> minimum``).
+
+    An absent setting passes; ``nullable``: so does ``null``.
+    """
+    import math
+
+    value = OmegaConf.select(cfg, key, default=_ABSENT)
+    if value is _ABSENT or (value is None and nullable):
+        return
+    kind = (int,) if integer else (int, float)
+    ok = isinstance(value, kind) and not isinstance(value, bool) and math.isfinite(value)
+    if ok and (value > minimum if above else value >= minimum) and (maximum is None or value <= maximum):
+        return
+    what = "a whole number" if integer else "a number"
+    bounds = f"between {minimum:g} and {maximum:g}" if maximum is not None else f"{'above' if above else 'at least'} {minimum:g}"
+    raise ValueError(f"{key}={value} is invalid: it must be {'null or ' if nullable else ''}{what}, {bounds}{f' (e.g. {example})' if example else ''}")
+
+
+def supported_precisions() -> list[str]:
+    """The ``trainer.mixed_precision`` values this machine can train with (``auto`` picks one of them)."""
+    import torch
+    from accelerate.utils import is_bf16_available, is_fp8_available
+
+    out = ["auto", "no"]
+    if is_bf16_available():
+        out.append("bf16")
+    out.append("fp16")  # accelerate runs fp16 autocast on every device it supports
+    if torch.cuda.is_available() and is_fp8_available():
+        out.append("fp8")
+    return out
+
+
+def _check_model(model: DictConfig) -> None:
+    """A model config that can load: a known source, a local folder with a config, an installed package, a known dtype."""
+    from melora.models import DTYPES, _package_dir, _package_file, cache_root
+
+    source = model.get("source", "hub")
+    if source not in ("hub", "path", "package"):
+        raise ValueError(f"model.source={source} is unknown; choose one of hub, path, package")
+    if source == "path":
+        folder = Path(str(model.name_or_path)).expanduser()
+        if not folder.is_dir():
+            raise ValueError(f"model.name_or_path={folder} is not a folder: with model.source=path give a folder written by "
+                             "save_pretrained (holding config.json), or use an offline model config such as model=minilm")
+        if not (folder / "config.json").is_file():
+            raise ValueError(f"model.name_or_path={folder} holds no config.json: give a folder written by save_pretrained "
+                             "(make check-paper builds one with the paper models' shapes)")
+    elif source == "package" and not (cache_root() / str(model.get("name")) / ".complete").exists():
+        try:
+            if model.get("zip_parts"):
+                for part in model.zip_parts:
+                    _package_file(part["package"], part["file"])
+            else:
+                _package_dir(model.package)
+        except (ModuleNotFoundError, FileNotFoundError) as err:
+            raise ValueError(f"model={model.get('name')}: {err}") from err
+    dtype = model.get("dtype")
+    if dtype is not None and dtype not in DTYPES:
+        raise ValueError(f"model.dtype={dtype} is unknown; choose one of {', '.join(DTYPES)}")
+
+
+def _check_eval(cfg: DictConfig) -> None:
+    """INSTRUCTEVAL's settings: benchmarks, batch, length, device, and an adapter that can be read."""
+    import torch
+
+    from melora.instructeval import TASKS
+
+    unknown = [t for t in cfg.eval.tasks if t not in TASKS]
+    if unknown:
+        raise ValueError(f"eval.tasks names unknown benchmark(s) {', '.join(map(str, unknown))}; choose from {', '.join(TASKS)}, "
+                         "e.g. eval.tasks=[mmlu,drop]")
+    _check_number(cfg, "eval.batch_size", 1, example="eval.batch_size=8")
+    _check_number(cfg, "eval.max_length", 1, example="eval.max_length=2048")
+    device = str(cfg.eval.device)
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"eval.device={device}: this machine has no CUDA device; use eval.device=auto or eval.device=cpu")
+    if cfg.get("adapter_dir") not in (None, "", "None", "null"):
+        from melora.adapters.io import read_adapter_config
+        from melora.instructeval.run import resolve_adapter_dir
+        from melora.train.checkpoint import damaged_adapter
+
+        directory = resolve_adapter_dir(cfg.adapter_dir)
+        read_adapter_config(directory)  # a folder of another format says so first
+        damage = damaged_adapter(directory)
+        if damage is not None:
+            raise ValueError(f"{damage}; the adapter cannot be evaluated: train it again or restore the file")
+
+
+def validate_config(cfg: DictConfig) -> None:
+    """Check a run's trainer, task, model (and INSTRUCTEVAL) settings before any data or model loads.
+
+    Every check names the setting, its value and the fix on one line: a learning
+    rate above 0, whole epochs, batch sizes and lengths of at least 1, a mixed
+    precision this machine supports, a model folder that exists and holds a
+    config, an installed model package. Returns nothing.
+
+    Raises:
+        ValueError: the first setting no run can use.
+    """
+    if "task" in cfg:
+        _check_number(cfg, "task.lr", 0, integer=False, above=True, example="task.lr=4e-4")
+        _check_number(cfg, "task.epochs", 1, example="task.epochs=3")
+        for key in ("task.batch_size", "task.micro_batch_size", "task.eval_batch_size", "task.max_length", "task.cutoff_len", "task.dev_size"):
+            _check_number(cfg, key, 1, example=f"{key}=8")
+        for key in ("task.max_train_samples", "task.max_eval_samples", "task.max_dev_samples", "task.eval_every"):
+            _check_number(cfg, key, 1, nullable=True, example=f"{key}=null")
+        _check_number(cfg, "task.warmup_steps", 0, example="task.warmup_steps=0")
+    if "trainer" in cfg:
+        for key in ("trainer.per_device_batch_size", "trainer.max_steps", "trainer.eval_every"):
+            _check_number(cfg, key, 1, nullable=True, example=f"{key}=null")
+        _check_number(cfg, "trainer.warmup_steps", 0, nullable=True, example="trainer.warmup_steps=null")
+        _check_number(cfg, "trainer.warmup_ratio", 0, integer=False, maximum=1, example="trainer.warmup_ratio=0.06")
+        _check_number(cfg, "trainer.weight_decay", 0, integer=False, example="trainer.weight_decay=0.1")
+        _check_number(cfg, "trainer.max_grad_norm", 0, integer=False, nullable=True, example="trainer.max_grad_norm=1.0")
+        _check_number(cfg, "trainer.log_every", 1, example="trainer.log_every=10")
+        _check_number(cfg, "trainer.num_workers", 0, example="trainer.num_workers=0")
+        precision, supported = str(cfg.trainer.get("mixed_precision", "auto")), supported_precisions()
+        if precision not in supported:
+            raise ValueError(f"trainer.mixed_precision={precision} is not supported on this machine; choose one of {', '.join(supported)} "
+                             "(auto: bf16 or fp16 on a GPU, no on a CPU)")
+        per_device = OmegaConf.select(cfg, "trainer.per_device_batch_size")
+        batch = OmegaConf.select(cfg, "task.batch_size")
+        if per_device and batch and batch % per_device:
+            raise ValueError(f"task.batch_size={batch} is not a multiple of the micro-batch trainer.per_device_batch_size={per_device}; "
+                             "change one of them")
+    if "model" in cfg:
+        _check_model(cfg.model)
+    if "eval" in cfg:
+        _check_eval(cfg)
+
+
+def _group_options(loader, group: str) -> list[str]:
+    """Every option of config group ``group`` (nested groups as ``glue/rte``); empty when ``group`` is no group."""
+    options = list(loader.get_group_options(group))
+    for sub in loader.list_groups(group):
+        options += [f"{sub}/{o}" for o in _group_options(loader, f"{group}/{sub}")]
+    return sorted(options)
+
+
+def check_overrides(overrides: list[str]) -> None:
+    """Check the config-group choices among command-line ``overrides`` (``task=glue/foo``) before Hydra composes.
+
+    Hydra's own message for an unknown option does not list the nested ones
+    (the tasks); this one does, on one line. Values, flags and overrides Hydra
+    cannot parse are left to Hydra. Returns nothing.
+
+    Raises:
+        ValueError: an option that does not exist, with the ones that do.
+    """
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    parsed = []
+    for arg in overrides:
+        if arg.startswith("-") or "=" not in arg:
+            continue
+        try:
+            parsed += parser.parse_overrides([arg])
+        except Exception:  # Hydra reports a malformed override itself
+            continue
+    parsed = [o for o in parsed if not o.is_delete() and "." not in o.key_or_group]
+    if not parsed:
+        return
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        loader = GlobalHydra.instance().config_loader()
+        for override in parsed:
+            group = override.key_or_group
+            options = _group_options(loader, group)
+            if not options:
+                continue
+            try:
+                values = list(override.sweep_string_iterator()) if override.is_sweep_override() else [override.get_value_element_as_str()]
+            except Exception:
+                continue
+            for value in values:
+                if value in options or value == "null":
+                    continue
+                prefix = value.split("/")[0] + "/"
+                near = [o for o in options if o.startswith(prefix)] if "/" in value else []
+                where = f" (the files in configs/{group}/)" if not group.startswith("hydra") else ""
+                raise ValueError(f"{group}={value} is unknown; choose one of {', '.join(near or options)}{where}")
 
 
 @dataclass
@@ -279,14 +532,29 @@ def train_run(cfg: DictConfig, task: RunTask) -> dict:
 def entry_point(config_name: str, work: Callable[[DictConfig], dict], result: str = "best_metric") -> Callable[[], Any]:
     """The Hydra ``main`` of an entry point: ``work(cfg)`` on ``configs/<config_name>.yaml`` and the command line.
 
-    A configuration error ends it in one line (``cli_errors``). It returns the
-    record's ``result`` field, the number a Hydra sweeper optimising over runs reads.
+    An unknown config-group option (``task=glue/foo``) is reported before Hydra
+    composes (:func:`check_overrides`), an invalid setting before any data or
+    model loads (:func:`validate_config`), each in one line (``cli_errors``);
+    Ctrl-C ends a run with a summary line. It returns the record's ``result``
+    field, the number a Hydra sweeper optimising over runs reads.
     """
     import hydra
 
     @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name=config_name)
     @cli_errors
-    def main(cfg: DictConfig) -> Any:
+    def hydra_main(cfg: DictConfig) -> Any:
+        validate_config(cfg)  # before any data or model loads
         return work(cfg).get(result)
+
+    def main() -> Any:
+        from melora.cli import debugging
+
+        if not debugging():  # HYDRA_FULL_ERROR=1: Hydra's own report, with its traceback
+            try:
+                check_overrides(sys.argv[1:])
+            except ValueError as err:
+                print(f"Error: {err}", file=sys.stderr, flush=True)
+                raise SystemExit(1) from None
+        return hydra_main()
 
     return main

@@ -25,6 +25,11 @@ processes on this machine, each with ``cores / n_jobs`` threads) or
 ``hydra/launcher=slurm`` (submitit, one cluster job per run). ``python -m
 melora.sweep <spec> --profile mini --jobs 2`` is the short form, and also runs
 INSTRUCTEVAL on the adapters an instruct spec trained.
+
+Ctrl-C (or SIGTERM) stops a sweep within seconds, its workers included, and
+prints one line: how many runs finished, how many stopped mid-run (they resume
+from their last checkpoint) or never started, and the command that resumes
+(the same command). A second Ctrl-C stops it at once. docs/experiments.md says more.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -41,6 +47,7 @@ from pathlib import Path
 from melora.specs import CONFIGS, ENTRIES, EXPERIMENTS, ROOT, RunSpec, expand, grid_lrs, load_spec  # noqa: F401 - the spec API, re-exported
 
 log = logging.getLogger(__name__)
+STOP_REPORTED_ENV = "MELORA_STOP_REPORTED"  # a file the child sweep creates once it has printed its interrupt summary
 
 
 def with_chosen_lr(spec: dict, runs: list[RunSpec], profile: str, extra: list[str] | None = None, loader=None) -> list[RunSpec]:
@@ -253,8 +260,48 @@ def _job_threads(sweeper) -> int | None:
     return max(1, (os.cpu_count() or 1) // n_jobs) if n_jobs > 0 else 1  # n_jobs <= 0: joblib's one job per core
 
 
+def interrupted_sweep(todo: list[tuple[RunSpec, str]], complete_before: int, command: str) -> str:
+    """The summary line of a sweep stopped by Ctrl-C or SIGTERM.
+
+    ``todo``: the ``(run, run_dir)`` the sweep launched; ``complete_before``:
+    the runs that were complete already; ``command``: the command that resumes.
+    """
+    from melora.runs import RECORD_FILE
+
+    finished = [d for _, d in todo if run_finished(d)]
+    stopped = [d for _, d in todo if d not in finished and any((Path(d) / f).is_file() for f in (RECORD_FILE, "config.yaml"))]
+    waiting = len(todo) - len(finished) - len(stopped)
+    before = f" ({complete_before} more complete from before)" if complete_before else ""
+    return (f"interrupted: {len(finished)} of {len(todo)} runs finished{before}, {len(stopped)} stopped mid-run "
+            f"(they resume from their last checkpoint), {waiting} not started; rerun the same command to resume: {command}")
+
+
+@contextlib.contextmanager
+def _quiet_loky_abort(stop):
+    """Inside the block, once ``stop`` has a signal, an exception in loky's executor manager thread is not printed.
+
+    When joblib aborts a loky pool with runs still queued (``pre_dispatch: all``), the
+    manager thread trips over the work items the abort cancelled (a ``KeyError``)
+    after it has killed the workers; the traceback says nothing about the runs.
+    """
+    import threading
+
+    previous = threading.excepthook
+
+    def hook(args):
+        if stop.signum is not None and args.thread is not None and args.thread.name == "ExecutorManagerThread":
+            return
+        previous(args)
+
+    threading.excepthook = hook
+    try:
+        yield
+    finally:
+        threading.excepthook = previous
+
+
 def sweep_specs(sweeper, arguments: list[str]) -> list:
-    """The ``spec`` sweeper's work: expand the specs, skip complete runs, launch the rest.
+    """The ``spec`` sweeper's work: expand the specs, skip complete runs, check the rest's settings, launch them.
 
     Args:
         sweeper: ``hydra_plugins.melora_sweeper.spec_sweeper.SpecSweeper`` after ``setup``.
@@ -262,35 +309,67 @@ def sweep_specs(sweeper, arguments: list[str]) -> list:
 
     Returns:
         The launcher's ``JobReturn`` per launched run. Exits with status 1 after
-        the sweep if a run failed, naming each failed run's folder.
+        the sweep if a run failed, naming each failed run's folder; with status 1
+        and one ``Error:`` line before launching anything if a run's settings
+        are invalid (:func:`melora.experiment.validate_config`). SIGINT or
+        SIGTERM stop the launcher's workers (the runs keep their last
+        checkpoint) and exit with status 128 + signal after one summary line
+        (:func:`interrupted_sweep`); a second signal kills the workers and exits at once.
     """
     from hydra.core.utils import JobStatus
+
+    from melora.cli import RESUME_ENV, error_line, resume_command, stop_signals
 
     config, loader = sweeper.config, sweeper.hydra_context.config_loader
     entry = next((e for e, name in ENTRIES.items() if name == config.hydra.job.config_name), None)
     names = ",".join(Path(s).stem for s in sweeper.specs)
-    runs = expand_specs(sweeper.specs, sweeper.profile, arguments, loader=loader, seeds=getattr(sweeper, "seeds", None))
-    others = sorted({r.entry for r in runs} - {entry})
-    if others:
-        raise ValueError(f"spec(s) {names} hold runs of melora.{others[0]}, not of this entry: use python -m melora.sweep {names} --profile {sweeper.profile}")
-    todo = []
-    for run in runs:
-        run_dir = compose_run(run, arguments, loader).run_dir
-        if not run_finished(run_dir):
-            todo.append((run, run_dir))
-    print(f"{names} ({sweeper.profile}): {len(runs)} runs, {len(runs) - len(todo)} complete, {len(todo)} to run", flush=True)
-    if sweeper.list_only or not todo:
-        for run, run_dir in todo:
-            print(f"  {run}  ->  {run_dir}")
-        return []
-    threads = _job_threads(sweeper)
-    if threads:  # the launcher's worker processes read it when torch starts; this process is job 0 at n_jobs=1
-        os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(threads)
-        import torch
+    command = os.environ.get(RESUME_ENV) or resume_command(f"melora.{entry or 'glue'}")
+    todo: list[tuple[RunSpec, str]] = []
+    complete_before = 0
+    with stop_signals() as stop, _quiet_loky_abort(stop):
+        try:
+            runs = expand_specs(sweeper.specs, sweeper.profile, arguments, loader=loader, seeds=getattr(sweeper, "seeds", None))
+            others = sorted({r.entry for r in runs} - {entry})
+            if others:
+                raise ValueError(f"spec(s) {names} hold runs of melora.{others[0]}, not of this entry: use python -m melora.sweep {names} "
+                                 f"--profile {sweeper.profile}")
+            configs = []
+            for run in runs:
+                cfg = compose_run(run, arguments, loader)
+                if not run_finished(cfg.run_dir):
+                    todo.append((run, cfg.run_dir))
+                    configs.append(cfg)
+            complete_before = len(runs) - len(todo)
+            print(f"{names} ({sweeper.profile}): {len(runs)} runs, {complete_before} complete, {len(todo)} to run", flush=True)
+            if sweeper.list_only or not todo:
+                for run, run_dir in todo:
+                    print(f"  {run}  ->  {run_dir}")
+                return []
+            from melora.experiment import validate_config
 
-        torch.set_num_threads(threads)
-    start = time.time()
-    results = sweeper.launcher.launch([[*run.overrides, *arguments] for run, _ in todo], initial_job_idx=0)
+            for cfg in configs:  # every run's settings, before any worker loads a model
+                validate_config(cfg)
+            threads = _job_threads(sweeper)
+            if threads:  # the launcher's worker processes read it when torch starts; this process is job 0 at n_jobs=1
+                os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(threads)
+                import torch
+
+                torch.set_num_threads(threads)
+            start = time.time()
+            results = sweeper.launcher.launch([[*run.overrides, *arguments] for run, _ in todo], initial_job_idx=0)
+        except KeyboardInterrupt:
+            # joblib has stopped its workers (its abort kills them); each run keeps its last checkpoint.
+            print(interrupted_sweep(todo, complete_before, command), file=sys.stderr, flush=True)
+            if os.environ.get(STOP_REPORTED_ENV):  # melora.sweep, this process's parent, prints no line of its own
+                with contextlib.suppress(OSError):
+                    Path(os.environ[STOP_REPORTED_ENV]).touch()
+            raise SystemExit(stop.status) from None
+        except (ValueError, OSError) as err:
+            line = error_line(err)
+            if line is None:
+                raise
+            print(line, file=sys.stderr, flush=True)
+            raise SystemExit(1) from None
     outcome: dict[str, list[str]] = {"completed": [], "diverged": [], "locked": [], "failed": []}
     for (run, run_dir), result in zip(todo, results):
         if run_diverged(run_dir):  # a learning rate too large for the setting: a result, not a failure
@@ -311,35 +390,99 @@ def sweep_specs(sweeper, arguments: list[str]) -> list:
     return results
 
 
-def call_in_group(command: list[str], cwd: Path | str | None = None, grace_s: float = 30.0) -> int:
+class Interrupted(SystemExit):
+    """SIGINT or SIGTERM stopped a sweep: exit status ``128 + signum``; ``reported``: whether its child printed the summary line."""
+
+    def __init__(self, signum: int, reported: bool) -> None:
+        super().__init__(128 + signum)
+        self.signum, self.reported = signum, reported
+
+
+def _group_alive(pgid: int) -> bool:
+    """Whether process group ``pgid`` still has a live (not zombie) process."""
+    try:
+        import psutil
+    except ImportError:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+    for proc in psutil.process_iter(["status"]):
+        with contextlib.suppress(psutil.Error, OSError):
+            if proc.info["status"] != psutil.STATUS_ZOMBIE and os.getpgid(proc.pid) == pgid:
+                return True
+    return False
+
+
+def _kill_group(pgid: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signal.SIGKILL)
+
+
+def call_in_group(command: list[str], cwd: Path | str | None = None, grace_s: float = 8.0, env: dict | None = None) -> int:
     """``subprocess.call(command)`` in a process group of its own, stopped as a whole with this process.
 
     Hydra's joblib launcher trains in loky worker processes that outlive their
-    parent when it is killed; a SIGTERM or SIGINT to this process is passed to
-    the child's whole group (workers included), and after ``grace_s`` seconds
-    the group is killed. Returns the child's exit status.
+    parent when it is killed. A SIGINT or SIGTERM to this process is passed to
+    the child as SIGTERM: the child (:func:`sweep_specs`) stops its workers,
+    prints the summary line and exits, and its resource trackers clean up after
+    it. Whatever of the child's group is left ``grace_s`` seconds after the
+    signal is killed; a second signal kills the group at once.
+
+    Returns:
+        The child's exit status.
+
+    Raises:
+        Interrupted: a signal stopped it; the child's group is gone by then.
     """
-    proc = subprocess.Popen(command, cwd=cwd, start_new_session=True)
+    import tempfile
 
-    def stop(signum, frame):
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=grace_s)
-        except subprocess.TimeoutExpired:
+    received: list[int] = []
+    holder: dict = {}  # the child
+    # The child touches this file once it has printed the summary line (sweep_specs): then this process adds none.
+    marker = Path(tempfile.mkdtemp(prefix="melora-sweep-")) / "reported"
+    env = dict(os.environ if env is None else env, **{STOP_REPORTED_ENV: str(marker)})
+
+    def on_signal(signum, frame):
+        received.append(signum)
+        proc = holder.get("proc")
+        if proc is None:
+            return  # not started yet: stopped right after it starts
+        if len(received) == 1:
             with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-        # The workers may outlive the group's leader by a moment: take the rest of the group down too.
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        raise SystemExit(128 + signum)
+                os.kill(proc.pid, signal.SIGTERM)
+        else:  # a second Ctrl-C: no waiting
+            _kill_group(proc.pid)
+            raise Interrupted(received[0], reported=marker.exists())
 
-    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        return proc.wait()
+        proc = holder["proc"] = subprocess.Popen(command, cwd=cwd, start_new_session=True, env=env)
+        if received:
+            os.kill(proc.pid, signal.SIGTERM)
+        deadline = None
+        while True:  # short waits: the handler must not interrupt a wait it would then wait on itself
+            if received and deadline is None:
+                deadline = time.monotonic() + grace_s
+            try:
+                status = proc.wait(timeout=0.1)
+                break
+            except subprocess.TimeoutExpired:
+                if deadline is not None and time.monotonic() > deadline:
+                    _kill_group(proc.pid)
+        if not received:
+            return status
+        deadline = deadline or time.monotonic() + grace_s
+        # The child is gone; its resource trackers unlink what it left and exit: give them the rest of the grace.
+        while time.monotonic() < deadline and _group_alive(proc.pid):
+            time.sleep(0.05)
+        _kill_group(proc.pid)
+        raise Interrupted(received[0], reported=marker.exists())
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        shutil.rmtree(marker.parent, ignore_errors=True)
 
 
 def spec_cost(name: str, profile: str, extra: list[str] | None = None) -> dict:
@@ -386,14 +529,17 @@ def pending(names: list[str], profile: str, extra: list[str] | None = None, seed
     return [d for d in (compose_run(run, extra).run_dir for run in runs) if not run_finished(d)]
 
 
-def run_waves(command: list[str], specs: list[str], profile: str, extra: list[str] | None = None) -> int:
-    """Run the sweep ``command``; for ``lr_bracket`` specs, in seed waves until every grid brackets.
+def run_waves(command: list[str], specs: list[str], profile: str, extra: list[str] | None = None, env: dict | None = None) -> int:
+    """Run the sweep ``command`` (with environment ``env``); for ``lr_bracket`` specs, in seed waves until every grid brackets.
 
     Wave k runs the first k seeds of every spec, again and again while a round
     adds runs (a grid whose best lr sits at an edge gets its next lr), so the
     grids are extended on the first seeds before the later seeds run. Stops
     early when a round leaves the same runs unfinished (failed or locked).
     Returns the first non-zero exit status, else 0.
+
+    Raises:
+        Interrupted: Ctrl-C or SIGTERM stopped a wave (no later wave starts).
     """
     bracketing = [load_spec(name) for name in specs if load_spec(name).get("lr_bracket")]
     waves = range(1, max(len(s["profiles"][profile]["seeds"]) for s in bracketing) + 1) if bracketing else [None]
@@ -403,7 +549,7 @@ def run_waves(command: list[str], specs: list[str], profile: str, extra: list[st
         while True:
             wave_command = command + ([f"hydra.sweeper.seeds={wave}"] if wave is not None else [])
             print(" ".join(wave_command), flush=True)
-            status = call_in_group(wave_command, cwd=ROOT) or status
+            status = call_in_group(wave_command, cwd=ROOT, env=env) or status
             if wave is None:
                 return status
             left = pending(specs, profile, extra, seeds=wave)
@@ -416,20 +562,41 @@ def run_waves(command: list[str], specs: list[str], profile: str, extra: list[st
     return status
 
 
-def main(argv: list[str] | None = None) -> int:
-    import argparse
+def check_arguments(args, names: list[str]) -> dict[str, list[str]]:
+    """The specs by entry, after checking the command line (specs, profile, jobs, launcher, overrides) before anything runs.
 
-    parser = argparse.ArgumentParser(description="Run the runs an experiment spec needs (skipping complete ones) as a Hydra multirun.")
-    parser.add_argument("spec", help="experiments/<spec>.yaml name or a path; several: comma-separated (table2,table4)")
-    parser.add_argument("--profile", default="mini", help="paper | mini | smoke")
-    parser.add_argument("--list", action="store_true", help="print the runs and exit")
-    parser.add_argument("--cost", action="store_true", help="print each spec's complete runs and their summed run time, and exit")
-    parser.add_argument("--jobs", type=int, default=1, help="local worker processes (each gets cores/jobs threads)")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads per local job (default: cores / jobs)")
-    parser.add_argument("--launcher", default="local", help="hydra/launcher: local (joblib, --jobs processes) | slurm | any other")
-    parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run (e.g. runs_root=…)")
-    args = parser.parse_intermixed_args(argv)
-    names = args.spec.split(",")
+    Raises:
+        ValueError: an argument no sweep can use, with the fix (``FileNotFoundError``: an unknown spec).
+    """
+    from melora.experiment import check_overrides, validate_config
+
+    if args.jobs < 1:
+        raise ValueError(f"--jobs {args.jobs} is invalid: give the number of local worker processes, at least 1 (e.g. --jobs 2)")
+    if args.threads < 0:
+        raise ValueError(f"--threads {args.threads} is invalid: give the torch threads per job, at least 1, or 0 for cores / jobs")
+    by_entry: dict[str, list[str]] = {}
+    for name in names:
+        spec = load_spec(name)
+        expand(spec, args.profile)  # a profile the spec lacks: the error lists the ones it has
+        by_entry.setdefault(spec["entry"], []).append(name)
+    check_overrides([f"hydra/launcher={args.launcher}", *args.overrides])
+    for specs in by_entry.values():  # settings every run shares (the children check each run's before launching)
+        first = next((runs[0] for runs in (expand(load_spec(name), args.profile) for name in specs) if runs), None)
+        if first is not None:
+            validate_config(compose_run(first, args.overrides))
+    return by_entry
+
+
+def sweep(args, names: list[str], command: str) -> int:
+    """Run the specs ``names`` as the parsed command line ``args`` says; returns the exit status.
+
+    Raises:
+        Interrupted: Ctrl-C or SIGTERM stopped a sweep's child.
+    """
+    from melora.cli import RESUME_ENV
+
+    env = dict(os.environ, **{RESUME_ENV: command})
+    by_entry = check_arguments(args, names)
     if args.list:
         for run in expand_specs(names, args.profile, args.overrides):
             print(run)
@@ -437,24 +604,63 @@ def main(argv: list[str] | None = None) -> int:
     if args.cost:
         print(cost_table(names, args.profile, args.overrides), end="")
         return 0
-    by_entry: dict[str, list[str]] = {}
-    for name in names:
-        by_entry.setdefault(load_spec(name)["entry"], []).append(name)
     status = 0
     for entry, specs in by_entry.items():
         runs = expand_specs(specs, args.profile, args.overrides) if entry == "instruct" else []
         if runs:  # the base model's row of Tables 3 and 5, before the adapters
             evaluate_run(compose_run(runs[0], args.overrides), adapter_dir=None)
-        command = [sys.executable, "-m", f"melora.{entry}", "-m", "hydra/sweeper=spec", f"hydra.sweeper.specs=[{','.join(specs)}]",
-                   f"hydra.sweeper.profile={args.profile}", f"hydra/launcher={args.launcher}",
-                   *([f"hydra.launcher.n_jobs={args.jobs}"] if args.launcher == "local" else []),
-                   *([f"hydra.sweeper.threads_per_job={args.threads}"] if args.threads else []), *args.overrides]  # fmt: skip
-        status = run_waves(command, specs, args.profile, args.overrides) or status
+        command_line = [sys.executable, "-m", f"melora.{entry}", "-m", "hydra/sweeper=spec", f"hydra.sweeper.specs=[{','.join(specs)}]",
+                        f"hydra.sweeper.profile={args.profile}", f"hydra/launcher={args.launcher}",
+                        *([f"hydra.launcher.n_jobs={args.jobs}"] if args.launcher == "local" else []),
+                        *([f"hydra.sweeper.threads_per_job={args.threads}"] if args.threads else []), *args.overrides]  # fmt: skip
+        status = run_waves(command_line, specs, args.profile, args.overrides, env=env) or status
         for run in runs:  # INSTRUCTEVAL of every trained adapter (a finished evaluation is skipped)
             cfg = compose_run(run, args.overrides)
             if run_completed(cfg.run_dir):
                 evaluate_run(cfg, adapter_dir=cfg.run_dir)
     return status
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m melora.sweep``: returns the exit status (1 after an ``Error:`` line, 130 after Ctrl-C, 143 after SIGTERM)."""
+    import argparse
+
+    from melora.cli import error_line, resume_command, stop_signals
+
+    parser = argparse.ArgumentParser(description="Run the runs an experiment spec needs (skipping complete ones) as a Hydra multirun. "
+                                     "Ctrl-C stops every run (each keeps its last checkpoint); the same command resumes.")
+    parser.add_argument("spec", help="experiments/<spec>.yaml name or a path; several: comma-separated (table2,table4)")
+    parser.add_argument("--profile", default="mini", help="paper | mini | smoke")
+    parser.add_argument("--list", action="store_true", help="print the runs and exit")
+    parser.add_argument("--cost", action="store_true", help="print each spec's complete runs and their summed run time, and exit")
+    parser.add_argument("--jobs", type=int, default=1, help="local worker processes (each gets cores/jobs threads)")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads per local job (default: cores / jobs)")
+    parser.add_argument("--launcher", default="local", help="hydra/launcher: local (joblib, --jobs processes) | slurm | any other")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error (HYDRA_FULL_ERROR=1 for the runs too)")
+    parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run (e.g. runs_root=…)")
+    args = parser.parse_intermixed_args(argv)
+    names = args.spec.split(",")
+    command = resume_command("melora.sweep", sys.argv[1:] if argv is None else argv)
+    if args.debug:
+        os.environ["HYDRA_FULL_ERROR"] = "1"
+    with stop_signals() as stop:  # this process's own work (composing, INSTRUCTEVAL) stops on SIGTERM as on Ctrl-C
+        try:
+            return sweep(args, names, command)
+        except Interrupted as err:
+            if not err.reported:  # the child stopped before it could say what it left
+                print(f"interrupted: finished runs are kept, unfinished ones "
+                      f"resume from their last checkpoint; rerun the same command to resume: {command}", file=sys.stderr, flush=True)
+            return 128 + err.signum
+        except KeyboardInterrupt:
+            print(f"interrupted: finished runs and evaluations are kept, unfinished ones resume; rerun the same "
+                  f"command to resume: {command}", file=sys.stderr, flush=True)
+            return stop.status
+        except (ValueError, OSError) as err:
+            line = error_line(err)
+            if line is None:
+                raise
+            print(line, file=sys.stderr, flush=True)
+            return 1
 
 
 if __name__ == "__main__":

@@ -66,8 +66,11 @@ def read_adapter_config(directory: str | os.PathLike) -> dict:
     path = Path(directory) / CONFIG_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: is '{directory}' a folder written by melora.save_adapter?")
-    meta = json.loads(path.read_text())
-    if meta.get("format") != "melora-adapter":
+    try:
+        meta = json.loads(path.read_text())
+    except ValueError as err:  # truncated, corrupt or not UTF-8
+        raise ValueError(f"{path} is damaged ({err}); the adapter cannot be read: save or train it again, or restore the file") from err
+    if not isinstance(meta, dict) or meta.get("format") != "melora-adapter":
         raise ValueError(f"{path} is not a melora adapter config (a PEFT adapter? load it with peft.PeftModel)")
     return meta
 
@@ -102,8 +105,14 @@ def load_adapter(base_model: nn.Module, directory: str | os.PathLike, strict_bas
                 f"layer '{layer['name']}' has (d_in, d_out)={dims}, the adapter expects "
                 f"({layer['d_in']}, {layer['d_out']}): {hint}"
             )
+    weights = directory / WEIGHTS_FILE
+    if not weights.is_file():
+        raise FileNotFoundError(f"{weights} not found: the adapter in {directory} is incomplete; save or train it again")
+    try:
+        tensors = load_file(str(weights))
+    except Exception as err:  # safetensors' own error types: a truncated file, a damaged header
+        raise ValueError(f"{weights} is damaged ({err}); the adapter cannot be loaded: save or train it again, or restore the file") from err
     model = inject(base_model, config)
-    tensors = load_file(str(directory / WEIGHTS_FILE))
     own = adapter_state_dict(model)
     missing, unexpected = sorted(set(own) - set(tensors)), sorted(set(tensors) - set(own))
     if missing or unexpected:

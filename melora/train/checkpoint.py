@@ -8,7 +8,9 @@
     state.json             step, epoch, best metric, history, scheduler, python/numpy RNG
 
 Written into a temp folder and renamed, so a kill during the write leaves the
-previous checkpoint intact.
+previous checkpoint intact (a kill between the two renames leaves it as
+``.checkpoint.old``, which is read then). A full disk raises
+:class:`melora.files.DiskFull` (the folder and the checkpoint's size) and changes nothing.
 
 On resume (:func:`inspect_resume`, then :func:`apply_resume`) a damaged
 checkpoint (a truncated or unreadable file) is moved aside to
@@ -20,6 +22,7 @@ otherwise the run starts from scratch.
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import random
@@ -29,10 +32,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from melora.adapters.io import CONFIG_FILE, WEIGHTS_FILE, adapter_state_dict, save_adapter
-from melora.files import atomic_write_json
+from melora.files import DISK_FULL_ERRNOS, DiskFull, free_bytes, json_text, tensor_bytes, write_bytes
 from melora.runs import move_aside, read_json_object
 
 CHECKPOINT_DIR = "checkpoint"
@@ -43,10 +46,10 @@ log = logging.getLogger(__name__)
 
 
 class DamagedFile(ValueError):
-    """A file a run needs is truncated or unreadable; ``path`` names it."""
+    """A file a run needs is truncated or unreadable; ``path`` names it, ``fix`` (optional) what to do."""
 
-    def __init__(self, path: Path, reason: str) -> None:
-        super().__init__(f"{path} is damaged ({reason})")
+    def __init__(self, path: Path, reason: str, fix: str | None = None) -> None:
+        super().__init__(f"{path} is damaged ({reason})" + (f"; {fix}" if fix else ""))
         self.path, self.reason = Path(path), reason
 
 
@@ -69,16 +72,10 @@ def _restore_rng(tensors: dict[str, torch.Tensor], state: dict) -> None:
     np.random.set_state((np_state[0], np.array(np_state[1], dtype=np.uint32), *np_state[2:]))
 
 
-def save_checkpoint(run_dir: Path, model, optimizer, scheduler, state: dict, process_tag: str = "") -> None:
-    """Write the checkpoint of ``model`` (unwrapped) and the training state."""
-    final = Path(run_dir) / CHECKPOINT_DIR
-    tmp = Path(run_dir) / f".{CHECKPOINT_DIR}.tmp{process_tag}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    save_file({k: v.detach().contiguous().cpu() for k, v in adapter_state_dict(model).items()}, str(tmp / "adapter.safetensors"))
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    save_file({k: v.contiguous() for k, v in _rng_tensors().items()}, str(tmp / "rng.safetensors"))
+def _checkpoint_files(model, optimizer, scheduler, state: dict) -> dict[str, bytes]:
+    """The checkpoint's files, made in memory: their sizes are known before anything is written."""
+    optimizer_bytes = io.BytesIO()
+    torch.save(optimizer.state_dict(), optimizer_bytes)
     py_state = random.getstate()
     np_state = np.random.get_state()
     full = dict(
@@ -87,17 +84,62 @@ def save_checkpoint(run_dir: Path, model, optimizer, scheduler, state: dict, pro
         python_rng=[py_state[0], list(py_state[1]), py_state[2]],
         numpy_rng=[np_state[0], np_state[1].tolist(), *[x.item() if hasattr(x, "item") else x for x in np_state[2:]]],
     )
-    atomic_write_json(tmp / "state.json", full)
-    old = Path(run_dir) / f".{CHECKPOINT_DIR}.old{process_tag}"
+    return {
+        "adapter.safetensors": tensor_bytes(adapter_state_dict(model)),
+        "optimizer.pt": optimizer_bytes.getvalue(),
+        "rng.safetensors": tensor_bytes(_rng_tensors()),
+        "state.json": json_text(full).encode("utf-8"),
+    }
+
+
+def save_checkpoint(run_dir: Path, model, optimizer, scheduler, state: dict, process_tag: str = "") -> None:
+    """Write the checkpoint of ``model`` (unwrapped) and the training state.
+
+    Raises:
+        DiskFull: the device has no room for it; the previous checkpoint is
+            untouched and the temp folder removed (the message names the run
+            folder and the checkpoint's size).
+    """
+    run_dir = Path(run_dir)
+    final = run_dir / CHECKPOINT_DIR
+    tmp = run_dir / f".{CHECKPOINT_DIR}.tmp{process_tag}"
+    old = run_dir / f".{CHECKPOINT_DIR}.old{process_tag}"
+    files = _checkpoint_files(model, optimizer, scheduler, state)
+    needed = sum(len(data) for data in files.values())
+    what = f"the checkpoint ({CHECKPOINT_DIR}/)"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    free = free_bytes(run_dir)
+    if free is not None and free < needed:
+        raise DiskFull(run_dir, needed, what)
+    try:
+        tmp.mkdir(parents=True)
+        for name, data in files.items():
+            write_bytes(tmp / name, data)
+    except BaseException as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(err, OSError) and err.errno in DISK_FULL_ERRNOS:
+            raise DiskFull(run_dir, needed, what) from err
+        raise
     if final.exists():
+        if old.exists():  # left by a save stopped after its swap: checkpoint/ is the newer one
+            shutil.rmtree(old)
         os.replace(final, old)
     os.replace(tmp, final)
-    if old.exists():
-        shutil.rmtree(old)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def checkpoint_folder(run_dir: Path) -> Path:
+    """The folder the run's checkpoint is read from: ``checkpoint/``, or ``.checkpoint.old`` when a save stopped between its renames."""
+    final = Path(run_dir) / CHECKPOINT_DIR
+    old = Path(run_dir) / f".{CHECKPOINT_DIR}.old"
+    if not final.exists() and (old / "state.json").is_file():
+        return old
+    return final
 
 
 def has_checkpoint(run_dir: Path) -> bool:
-    return (Path(run_dir) / CHECKPOINT_DIR / "state.json").is_file()
+    return (checkpoint_folder(run_dir) / "state.json").is_file()
 
 
 @dataclass
@@ -121,7 +163,7 @@ def read_checkpoint(run_dir: Path) -> _Checkpoint:
     Raises:
         DamagedFile: a file is missing, truncated or unreadable.
     """
-    folder = Path(run_dir) / CHECKPOINT_DIR
+    folder = checkpoint_folder(run_dir)
 
     def read(name: str, loader):
         path = folder / name
@@ -155,16 +197,6 @@ def _apply(ckpt: _Checkpoint, model, optimizer, scheduler) -> dict:
     _restore_rng(ckpt.rng, state)
     state.pop("python_rng"), state.pop("numpy_rng")
     return state
-
-
-def load_checkpoint(run_dir: Path, model, optimizer, scheduler) -> dict:
-    """Restore ``model`` (unwrapped), optimizer, scheduler and RNGs; return the training state.
-
-    Raises:
-        DamagedFile: a checkpoint file is truncated or unreadable (nothing is changed then).
-        ValueError: the checkpoint is of another model or config.
-    """
-    return _apply(read_checkpoint(run_dir), model, optimizer, scheduler)
 
 
 def damaged_adapter(directory: Path) -> DamagedFile | None:
@@ -217,7 +249,7 @@ def inspect_resume(run_dir: Path) -> ResumePlan:
     try:
         ckpt = read_checkpoint(run_dir)
     except DamagedFile as err:
-        plan.move.append((run_dir / CHECKPOINT_DIR, f"{err}; training from scratch"))
+        plan.move.append((checkpoint_folder(run_dir), f"{err}; training from scratch"))
         return plan
     state = ckpt.state
     if state["best_step"] is not None and not adapter_ok:
