@@ -158,8 +158,13 @@ def read_record(run_dir: str | os.PathLike, move_damaged: bool = False) -> dict 
 
 
 def iter_records(root: str | os.PathLike):
-    """Every ``record.json`` below ``root``, with its folder under ``run_dir``; damaged ones are skipped with a warning."""
-    for path in sorted(Path(root).rglob(RECORD_FILE)):
+    """Every ``record.json`` below ``root``, with its folder under ``run_dir``; damaged ones are skipped with a warning.
+
+    Symbolic links to run folders are followed: a study that reuses another
+    folder's runs links to them rather than holding copies.
+    """
+    found = [Path(folder) / RECORD_FILE for folder, _, files in os.walk(root, followlinks=True) if RECORD_FILE in files]
+    for path in sorted(found):
         record = read_record(path.parent)
         if record is None:
             continue
