@@ -141,13 +141,17 @@ glue-verdicts: $(VENV)/.installed ## Tables 2 and 4, dev-halves protocol: bracke
 
 .PHONY: scaling-study
 # Its own runs folder: its n=16 and equivalent-scaling runs must not join the choice of n in the
-# held-out Table 2. Copy the held-out per_mini records of n=2 and 8 there first to reuse them.
+# held-out Table 2. To reuse the held-out per_mini runs of n=2 and 8, link their folders there (ln -s): records are read through links.
 SCALING_RUNS ?= $(RUNS)-scaling
 scaling-study: $(VENV)/.installed ## Why MELoRA falls with n: r=1, n=2/8/16, scaling per_mini vs equivalent, lr grid then 3 seeds -> results/tables/scaling*.*
 	$(SWEEP) scaling_grid --profile $(PROFILE) runs_root=$(SCALING_RUNS)
 	$(SWEEP) scaling --profile $(PROFILE) runs_root=$(SCALING_RUNS)
 	$(PY) scripts/make_results.py --runs $(SCALING_RUNS)/$(PROFILE) --out $(RESULTS_DIR) --only scaling
 	$(PY) -c "from melora.report.export import export_runs; export_runs('$(SCALING_RUNS)/$(PROFILE)', '$(RESULTS_DIR)/runs/$(PROFILE)-scaling')"
+
+.PHONY: docs
+docs: $(VENV)/.installed ## Fill the documents' include blocks (README.md, docs/, results/) from the generated tables
+	$(PY) -m melora.report.include
 
 .PHONY: results
 results: $(TABLES) $(FIGURES) ## Every table and figure at PROFILE, and the records without weights (results/runs/)

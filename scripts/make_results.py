@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
-from melora.report import ARTIFACTS, EXTRAS, make_results
+from melora.report import ARTIFACTS, EXTRAS, include, make_results
 from melora.report.build import FULL_BUILD
 
 
@@ -43,6 +44,9 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    if Path(args.out).resolve() == include.ROOT / "results":  # the documents that include these files follow them
+        for path in include.update():
+            print(f"updated {path}")
     return 0
 
 

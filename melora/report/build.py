@@ -56,6 +56,8 @@ def make_results(runs: str | Path, out: str | Path, only: list[str] | None = Non
         written.update(_heldout_table(all_records, Path(out) / "tables", model, log, SCALING_LAYOUTS))
     if "verdicts" in extras:
         written.update(_verdicts(all_records, Path(out), model, log))
+    if extras & {"heldout", "verdicts"}:
+        written.update(_headline(Path(out) / "tables", log))
     for name in only or ARTIFACTS:
         if name in ("heldout", "scaling", "verdicts"):
             continue
@@ -158,6 +160,20 @@ def _write_protocol_table(table, note: str, folder: Path, figure: str, log: Call
         written[figure] = save_figure(fig, folder.parent / "figures", figure)
         log(f"{figure}: " + ", ".join(map(str, written[figure])))
     return written
+
+
+def _headline(tables: Path, log: Callable[[str], None]) -> dict[str, list[Path]]:
+    """``tables/headline.md``: Table 2's verdicts as a method × task grid (:mod:`melora.report.headline`)."""
+    from melora.files import atomic_write_text
+    from melora.report.headline import headline
+
+    text = headline(tables)
+    if text is None:
+        log("headline: no Table 2 verdicts under either protocol; skipped")
+        return {}
+    atomic_write_text(tables / "headline.md", text)
+    log(f"headline: {tables / 'headline.md'}")
+    return {"headline": [tables / "headline.md"]}
 
 
 def _verdicts(records: list[dict], out: Path, model: str | None, log: Callable[[str], None]) -> dict[str, list[Path]]:
