@@ -81,7 +81,7 @@ RUNS ?= $(or $(MELORA_RUNS),runs)
 # Worker processes per sweep: on a CPU two one-thread runs side by side beat one two-thread run.
 MINI_JOBS ?= 2
 JOBS ?= $(if $(filter paper,$(PROFILE)),1,$(MINI_JOBS))
-SWEEP := $(PY) -m melora.sweep --jobs $(JOBS)
+SWEEP := $(PY) -m melora.experiments.sweep --jobs $(JOBS)
 # mini and paper results go to results/ (the committed mini ones are the README's); smoke to results/smoke/.
 RESULTS_DIR ?= $(if $(filter smoke,$(PROFILE)),results/smoke,results)
 # MODEL=<name>: when the runs folder holds runs of several models, the one to tabulate.
@@ -89,7 +89,7 @@ RESULTS := $(PY) scripts/make_results.py --runs $(RUNS)/$(PROFILE) --out $(RESUL
 
 .PHONY: demo
 demo: $(VENV)/.installed ## The embedded default: mini Table 2 offline (MiniLM, local GLUE, 1 seed), then print it
-	$(PY) -m melora.sweep --jobs $(MINI_JOBS) demo --profile mini runs_root=$(RUNS)
+	$(PY) -m melora.experiments.sweep --jobs $(MINI_JOBS) demo --profile mini runs_root=$(RUNS)
 	$(PY) scripts/make_results.py --runs $(RUNS)/mini --out results/demo --only demo --print
 
 .PHONY: reproduce-glue
@@ -137,6 +137,7 @@ glue-verdicts: $(VENV)/.installed ## Tables 2 and 4, dev-halves protocol: bracke
 	$(SWEEP) verdicts --profile $(PROFILE) runs_root=$(RUNS)
 	$(SWEEP) verdicts_baselines --profile $(PROFILE) runs_root=$(RUNS)
 	$(SWEEP) verdicts_table4 --profile $(PROFILE) runs_root=$(RUNS)
+	$(SWEEP) verdicts_long --profile $(PROFILE) runs_root=$(RUNS)
 	$(RESULTS) --only verdicts
 
 .PHONY: scaling-study
@@ -147,11 +148,11 @@ scaling-study: $(VENV)/.installed ## Why MELoRA falls with n: r=1, n=2/8/16, sca
 	$(SWEEP) scaling_grid --profile $(PROFILE) runs_root=$(SCALING_RUNS)
 	$(SWEEP) scaling --profile $(PROFILE) runs_root=$(SCALING_RUNS)
 	$(PY) scripts/make_results.py --runs $(SCALING_RUNS)/$(PROFILE) --out $(RESULTS_DIR) --only scaling
-	$(PY) -c "from melora.report.export import export_runs; export_runs('$(SCALING_RUNS)/$(PROFILE)', '$(RESULTS_DIR)/runs/$(PROFILE)-scaling')"
+	$(PY) -c "from melora.experiments.report.export import export_runs; export_runs('$(SCALING_RUNS)/$(PROFILE)', '$(RESULTS_DIR)/runs/$(PROFILE)-scaling')"
 
 .PHONY: docs
 docs: $(VENV)/.installed ## Fill the documents' include blocks (README.md, docs/, results/) from the generated tables
-	$(PY) -m melora.report.include
+	$(PY) -m melora.experiments.report.include
 
 .PHONY: results
 results: $(TABLES) $(FIGURES) ## Every table and figure at PROFILE, and the records without weights (results/runs/)

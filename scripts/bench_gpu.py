@@ -22,7 +22,7 @@ round:
   autocast, batch 8 × 256 tokens, as the instruct runs), adapters on the
   query / value projections: MELoRA ``(n, r)`` against PEFT LoRA at ranks
   ``n·r`` and ``r``. Random weights from transformers config classes with the
-  shapes of ``melora.paper_shapes``; nothing is downloaded.
+  shapes of ``melora.experiments.paper_shapes``; nothing is downloaded.
 
 Targets (PASS/FAIL in the report): MELoRA ≤ 1.03 × PEFT LoRA at rank ``n·r``
 and ≤ 1.03 × the loop, on every layer config and (the first) on each model's
@@ -64,7 +64,7 @@ LAYER_GRID = {"d": [768, 4096], "n": [1, 2, 4, 8, 16, 64], "r": [1, 2, 8], "toke
 # 0.05-5 ms on an H200: the grid's 4 groups of ~100 modules take well under a minute.
 LAYER_WARMUP, LAYER_REPS = 3, 15
 STEP_WARMUP, STEP_REPS = 3, 10
-# The paper's shapes (melora.paper_shapes); layers, batch and length of one training micro-batch.
+# The paper's shapes (melora.experiments.paper_shapes); layers, batch and length of one training micro-batch.
 STEP_MODELS = {
     "roberta-base": {"layers": 12, "batch": 32, "seq": 256, "targets": ["query", "value"], "dtype": torch.float32},
     "llama2-7b-2layers": {"layers": 2, "batch": 8, "seq": 256, "targets": ["q_proj", "v_proj"], "dtype": torch.bfloat16},
@@ -230,7 +230,7 @@ def build_model(name: str, spec: dict, device: torch.device, hidden: int | None 
     """A random-weight model with the paper model's architecture (``hidden`` shrinks it, for checks only)."""
     from transformers import LlamaConfig, LlamaForCausalLM, RobertaConfig, RobertaForSequenceClassification
 
-    from melora.paper_shapes import LLAMA2_7B, ROBERTA_BASE
+    from melora.experiments.paper_shapes import LLAMA2_7B, ROBERTA_BASE
 
     torch.manual_seed(0)
     shrink = {} if hidden is None else {"hidden_size": hidden, "intermediate_size": 2 * hidden, "vocab_size": 512}

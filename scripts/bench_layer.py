@@ -12,11 +12,12 @@ to ``T`` tokens, in two modes:
 Variants, all sharing one frozen base layer per ``(d, T)``:
 
 * ``base``: the frozen ``nn.Linear`` alone, the denominator of every ratio;
-* ``melora``: ``melora.MELoRALinear(base, n, r)``, its formulation picked by
+* ``melora``: MELoRA's PEFT tuner layer (``peft.get_peft_model`` with a
+  ``melora.MELoRAConfig``, made exactly as PEFT LoRA's below), its formulation picked by
   the cost rule (the ``path`` column);
-* ``melora_<path>`` for each of ``melora.adapters.melora.PATHS`` (with ``--paths``):
+* ``melora_<path>`` for each of ``melora.adapters.formulations.PATHS`` (with ``--paths``):
   the same layer with ``layer.path`` forced, the measurements that calibrate
-  the rule's constants (``melora/adapters/melora.py``);
+  the rule's constants (``melora/adapters/formulations.py``);
 * ``peft_lora_nr`` / ``peft_lora_r``: PEFT's ``lora.Linear`` (built with
   ``peft.get_peft_model``) at the equivalent rank ``n·r`` / at rank ``r``
   (the same parameter count and FLOPs as MELoRA);
@@ -98,8 +99,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import melora
-from melora import MELoRALinear
-from melora.adapters.melora import PATHS
+from melora import MELoRAConfig, MELoRALinear
+from melora.adapters.melora import Linear as MELoRATunerLinear
+from melora.adapters.formulations import PATHS
 
 FULL_GRID = {"d": [768, 4096], "n": [1, 2, 4, 8, 16, 64], "r": [1, 2, 8], "tokens": [512, 4096]}  # the targets' grid
 QUICK_GRID = {"d": [768], "n": [1, 4, 16, 64], "r": [1, 8], "tokens": [512]}
@@ -206,6 +208,15 @@ def peft_lora(base: nn.Linear, rank: int) -> nn.Module:
 
     config = LoraConfig(r=rank, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=["lin"], bias="none")
     # autocast_adapter_dtype=False keeps bf16 factors bf16, as MELoRA's are.
+    model = get_peft_model(_Holder(base), config, autocast_adapter_dtype=False)
+    return model.base_model.model.lin
+
+
+def peft_melora(base: nn.Linear, n: int, r: int) -> nn.Module:
+    """MELoRA's tuner layer wrapping ``base`` (shared), made by ``peft.get_peft_model`` exactly as :func:`peft_lora` makes LoRA's."""
+    from peft import get_peft_model
+
+    config = MELoRAConfig(n=n, r=r, alpha=ALPHA, dropout=0.0, target_modules=["lin"])
     model = get_peft_model(_Holder(base), config, autocast_adapter_dtype=False)
     return model.base_model.model.lin
 
@@ -334,9 +345,9 @@ def build_modules(base: nn.Linear, ns: list[int], rs: list[int], mode: str, path
             scaling = ALPHA / r
             for rank in dict.fromkeys((n * r, r)):  # n = 1: one module answers both
                 modules[("peft", rank, n, r)] = peft_lora(base, rank)
-            modules[("melora", n, r)] = MELoRALinear(base, n=n, r=r, alpha=ALPHA)
+            modules[("melora", n, r)] = peft_melora(base, n, r)
             for path in PATHS if paths else ():
-                modules[("melora_path", path, n, r)] = forced = MELoRALinear(base, n=n, r=r, alpha=ALPHA)
+                modules[("melora_path", path, n, r)] = forced = peft_melora(base, n, r)
                 forced.path = path
             modules[("mini_loop", n, r)] = MiniLoRALoop(base, n, r, scaling)
             modules[("block_diag", n, r)] = BlockDiagLoRA(base, n, r, scaling)
@@ -362,7 +373,7 @@ def measure_group(device: torch.device, dtype: torch.dtype, d: int, T: int, mode
     jobs = {key: make_job(key, module, x, grad_out, mode, args.min_reps) for key, module in modules.items()}
     with torch.set_grad_enabled(mode == "fwdbwd"):
         for key, job in jobs.items():
-            if isinstance(modules[key], MELoRALinear):
+            if isinstance(modules[key], MELoRATunerLinear):
                 job.path = modules[key].path_for(x)
     order = lockstep_order(args.n, args.r, mode, args.paths) if args.lockstep else list(jobs)
     run_round_robin([jobs[key] for key in order], args.budget, args.max_reps, synchroniser(device), args.lockstep)

@@ -29,13 +29,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import melora  # noqa: E402
+from melora.experiments.runs import device_info  # noqa: E402
 from melora.files import atomic_write_text
-from melora.runs import device_info  # noqa: E402
 
 
 def batches(task: str, model_spec: dict, batch_size: int, max_length: int, count: int):
-    from melora.data.glue import glue_collator, load_glue, subsample, tokenize_glue
-    from melora.models import load_tokenizer
+    from melora.experiments.data.glue import glue_collator, load_glue, subsample, tokenize_glue
+    from melora.experiments.models import load_tokenizer
 
     tokenizer = load_tokenizer(model_spec)
     ds = load_glue(task)
@@ -89,7 +89,7 @@ def main() -> None:
 
     import yaml
 
-    from melora.models import load_sequence_classifier
+    from melora.experiments.models import load_sequence_classifier
 
     spec = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / "model" / f"{args.model}.yaml").read_text())
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

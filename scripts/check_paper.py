@@ -4,9 +4,9 @@
     python scripts/check_paper.py --tasks mrpc,rte --methods melora_n8_r1 --only glue
     python scripts/check_paper.py --extra trainer.mixed_precision=bf16 --cut steps=4 glue_batch=16
 
-Each run is ``python -m melora.glue|instruct|instructeval profile=paper
+Each run is ``python -m melora.experiments.glue|instruct|instructeval profile=paper
 model=roberta-base|llama2-7b model.source=path model.name_or_path=<folder> ...``
-in a fresh interpreter, on the folders of :mod:`melora.paper_shapes` (the paper
+in a fresh interpreter, on the folders of :mod:`melora.experiments.paper_shapes` (the paper
 models' exact architectures, random weights, local tokenizers) and the real
 offline data (with stand-ins for the GLUE files this machine lacks). The
 paper profile's lr, max length, warm-up and schedule stay; steps, batch sizes
@@ -27,7 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from melora.paper_shapes import (
+from melora.experiments.paper_shapes import (
     GLUE_METHODS,
     GLUE_TASKS,
     INSTRUCT_METHODS,
@@ -107,12 +107,12 @@ def main(argv: list[str] | None = None) -> int:
     outcomes, failed_training = [], set()
     for combination in combinations:
         # An evaluation of a run that failed would only repeat its error.
-        if combination.entry == "melora.instructeval" and combination.label.split()[-1] in failed_training:
+        if combination.entry == "melora.experiments.instructeval" and combination.label.split()[-1] in failed_training:
             print(f"skip            {combination.label:<34} its training run failed", flush=True)
             continue
         outcome = run_combination(combination, *args.extra, timeout=args.timeout, log_dir=runs / "logs")
         outcomes.append(outcome)
-        if not outcome.ok and combination.entry == "melora.instruct":
+        if not outcome.ok and combination.entry == "melora.experiments.instruct":
             failed_training.add(combination.label.split()[-1])
         print(outcome.line(), flush=True)
 

@@ -21,8 +21,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from melora.report import ARTIFACTS, EXTRAS, include, make_results
-from melora.report.build import FULL_BUILD
+from melora.experiments.report import ARTIFACTS, EXTRAS, include, make_results
+from melora.experiments.report.build import FULL_BUILD
 
 
 def main(argv: list[str] | None = None) -> int:

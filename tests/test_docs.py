@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 from conftest import data_dir
 
-from melora.report import include
+from melora.experiments.report import include
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCUMENTS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -61,7 +61,7 @@ def hub_cache(tmp_path_factory) -> Path:
     """A hub cache in which the documents' hub names resolve to the offline models."""
     from omegaconf import OmegaConf
 
-    from melora.models import resolve_model_path
+    from melora.experiments.models import resolve_model_path
 
     cache = tmp_path_factory.mktemp("hub")
     for repo, config in HUB_STAND_INS.items():
@@ -125,7 +125,7 @@ def test_every_script_the_documents_show_exists():
 
 def test_every_python_module_the_documents_show_answers_help():
     modules = shown(r"python -m ((?:melora|scripts)[\w.]*)")
-    assert "melora.glue" in modules and "melora.sweep" in modules
+    assert "melora.experiments.glue" in modules and "melora.experiments.sweep" in modules
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
     for module, where in sorted(modules.items()):
         proc = subprocess.run([sys.executable, "-m", module, "--help"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)

@@ -1,13 +1,13 @@
 """``hydra/sweeper=spec``: a Hydra multirun over the runs an experiment spec needs.
 
-    python -m melora.glue -m hydra/sweeper=spec hydra.sweeper.specs=[table2] hydra.sweeper.profile=mini \
+    python -m melora.experiments.glue -m hydra/sweeper=spec hydra.sweeper.specs=[table2] hydra.sweeper.profile=mini \
         hydra/launcher=local hydra.launcher.n_jobs=2          # or hydra/launcher=slurm on a cluster
 
-The sweeper expands ``experiments/<spec>.yaml`` (``melora.sweep.expand_specs``),
+The sweeper expands ``experiments/<spec>.yaml`` (``melora.experiments.sweep.expand_specs``),
 leaves out the runs whose record is complete, and hands the rest to the
 configured launcher, one job per run, each with the command line's other
 overrides. Hydra requires sweeper plugins to live in the ``hydra_plugins``
-namespace; the logic is in ``melora.sweep``.
+namespace; the logic is in ``melora.experiments.sweep``.
 """
 
 from dataclasses import dataclass, field
@@ -48,6 +48,6 @@ class SpecSweeper(Sweeper):
         self.launcher = Plugins.instance().instantiate_launcher(hydra_context=hydra_context, task_function=task_function, config=config)
 
     def sweep(self, arguments: List[str]) -> Any:
-        from melora.sweep import sweep_specs
+        from melora.experiments.sweep import sweep_specs
 
         return sweep_specs(self, list(arguments))

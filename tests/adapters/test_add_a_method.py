@@ -18,10 +18,10 @@ from hydra import compose, initialize_config_dir
 
 import melora
 from melora.adapters.base import METHODS, AdapterConfig, AdapterLayer, AdapterMethod, check_positive_int, register
-from melora.report.paper import glue_column
-from melora.report.records import load_records
-from melora.report.tables import RowSpec, build_rows
-from melora.sweep import CONFIGS
+from melora.experiments.report.paper import glue_column
+from melora.experiments.report.records import load_records
+from melora.experiments.report.tables import RowSpec, build_rows
+from melora.experiments.sweep import CONFIGS
 
 # ---- 1. the method file: config, layer, method --------------------------------------------------
 
@@ -114,8 +114,8 @@ def test_the_library_treats_it_like_any_method(tmp_path):
 
 
 def test_it_trains_saves_loads_and_tabulates_through_the_pipeline(tmp_path):
-    from melora.glue import train_glue
-    from melora.models import load_sequence_classifier
+    from melora.experiments.glue import train_glue
+    from melora.experiments.models import load_sequence_classifier
 
     data_dir()
     (tmp_path / "configs" / "method").mkdir(parents=True)

@@ -1,4 +1,4 @@
-"""Tests for melora.data.alpaca: loading, hold-out split, prompts, loss masking, batching.
+"""Tests for melora.experiments.data.alpaca: loading, hold-out split, prompts, loss masking, batching.
 
 Tests on the real Alpaca subsets read ``MELORA_DATA_DIR`` and are skipped when
 it is unset. The hub is never contacted: ``datasets.load_dataset`` is faked.
@@ -21,8 +21,8 @@ import pytest
 import torch
 from datasets import Dataset
 
-from melora.data.alpaca import IGNORE_INDEX, CausalLMCollator, build_prompt, load_alpaca, tokenize_alpaca, train_dev_split
-from melora.data.errors import DataFormatError
+from melora.experiments.data.alpaca import IGNORE_INDEX, CausalLMCollator, build_prompt, load_alpaca, tokenize_alpaca, train_dev_split
+from melora.experiments.data.errors import DataFormatError
 
 
 @pytest.fixture(scope="module")
@@ -322,7 +322,7 @@ def test_eos_required(bert_tokenizer):
 
 
 def test_tokenize_alpaca_cache(data_dir, alpaca200, bert_tokenizer, tmp_path, monkeypatch):
-    from melora.data import alpaca as alpaca_mod
+    from melora.experiments.data import alpaca as alpaca_mod
 
     subset = alpaca200.select(range(6))
     first = tokenize_alpaca(subset, bert_tokenizer, cutoff_len=128, cache_dir=tmp_path)

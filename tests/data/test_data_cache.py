@@ -1,4 +1,4 @@
-"""Tests for melora.data.cache: stable hashes and tokenizer fingerprints."""
+"""Tests for melora.experiments.data.cache: stable hashes and tokenizer fingerprints."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import importlib.resources
 
 import pytest
 
-from melora.data.cache import default_cache_dir, stable_hash, tokenizer_fingerprint
+from melora.experiments.data.cache import default_cache_dir, stable_hash, tokenizer_fingerprint
 from melora.files import file_sha256
 
 

@@ -1,4 +1,4 @@
-"""Tests for melora.data.glue: registry, local TSV loading, hub path, subsampling, tokenisation.
+"""Tests for melora.experiments.data.glue: registry, local TSV loading, hub path, subsampling, tokenisation.
 
 Tests on the real GLUE files read ``MELORA_DATA_DIR`` and are skipped when it
 is unset. The hub is never contacted: ``datasets.load_dataset`` is faked.
@@ -20,9 +20,9 @@ import numpy as np
 import pytest
 from datasets import ClassLabel, Dataset, DatasetDict, Value
 
-from melora.data import glue as glue_mod
-from melora.data.errors import DataFormatError
-from melora.data.glue import GLUE_TASKS, get_task, glue_collator, glue_features, load_glue, subsample, tokenize_glue
+from melora.experiments.data import glue as glue_mod
+from melora.experiments.data.errors import DataFormatError
+from melora.experiments.data.glue import GLUE_TASKS, get_task, glue_collator, glue_features, load_glue, subsample, tokenize_glue
 
 ALL_TASKS = ("mnli", "sst2", "mrpc", "cola", "qnli", "qqp", "rte", "stsb")
 

@@ -1,4 +1,4 @@
-"""Tests for melora.metrics against values computed by hand."""
+"""Tests for melora.experiments.metrics against values computed by hand."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from melora.metrics import glue_metrics, main_metric
+from melora.experiments.metrics import glue_metrics, main_metric
 
 # One confusion matrix reused below (positive class = 1):
 #   refs  = [1, 0, 0, 1, 1]
@@ -129,8 +129,8 @@ def test_each_task_yaml_selects_on_the_registry_metric():
     # is the first of GlueTask.metric_names (what the library reports): they must agree.
     import yaml
 
-    from melora.data.glue_tasks import GLUE_TASKS
-    from melora.specs import CONFIGS
+    from melora.experiments.data.glue_tasks import GLUE_TASKS
+    from melora.experiments.specs import CONFIGS
 
     for name in GLUE_TASKS:
         node = yaml.safe_load((CONFIGS / "task" / "glue" / f"{name}.yaml").read_text())

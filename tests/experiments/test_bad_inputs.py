@@ -1,11 +1,11 @@
 """Every input error we can foresee ends in one line that names the fix, with exit status 1.
 
-The entry points' ``main`` (``melora.glue``, ``melora.instruct``,
-``melora.instructeval``, ``melora.sweep``) run in a child process forked from
+The entry points' ``main`` (``melora.experiments.glue``, ``melora.experiments.instruct``,
+``melora.experiments.instructeval``, ``melora.experiments.sweep``) run in a child process forked from
 this one, with the command line in ``sys.argv``: the code path of ``python -m
 melora.<entry>`` without paying the interpreter's start-up per case (a few run
 through ``python -m`` itself). Settings are checked before any model loads
-(``melora.experiment.validate_config``), unknown config options list the ones
+(``melora.experiments.scaffold.validate_config``), unknown config options list the ones
 there are, and files that are missing or damaged are named. The library calls
 raise one-line errors that name the file.
 """
@@ -30,8 +30,11 @@ EVAL = ["profile=smoke"]
 SWEEP = ["demo", "--profile", "smoke"]
 
 
-def run_main(module: str, args: list[str], out: Path, env: dict | None = None) -> tuple[int, str]:
-    """``python -m <module> <args>`` as a forked child of this process: ``(exit status, stdout + stderr)``."""
+def run_main(module: str, args: list[str], out: Path, env: dict | None = None, prepare=None) -> tuple[int, str]:
+    """``python -m <module> <args>`` as a forked child of this process: ``(exit status, stdout + stderr)``.
+
+    ``prepare``: called in the child before the module runs (e.g. to patch a writer).
+    """
     pid = os.fork()
     if pid == 0:  # the child: never returns into pytest
         code = 1
@@ -45,6 +48,8 @@ def run_main(module: str, args: list[str], out: Path, env: dict | None = None) -
             os.chdir(ROOT)
             os.environ.clear()
             os.environ.update(env or ENV)
+            if prepare is not None:
+                prepare()
             entry = importlib.import_module(module)
             if hasattr(entry, "__path__"):  # a package: python -m runs its __main__
                 entry = importlib.import_module(f"{module}.__main__")
@@ -92,52 +97,52 @@ def places(tmp_path) -> dict[str, Path]:
 # (entry, arguments, what the one line must contain: the setting and the fix). {empty}, {no_config}, {adapter}: see places.
 CASES = [
     # The issue's examples.
-    ("melora.glue", [*GLUE, "trainer.mixed_precision=fp8"], "trainer.mixed_precision=fp8 is not supported on this machine; choose one of auto, no"),
-    ("melora.glue", [*GLUE, "task.lr=-1"], "task.lr=-1 is invalid: it must be a number, above 0 (e.g. task.lr=4e-4)"),
-    ("melora.glue", [*GLUE, "model.source=path", "model.name_or_path=/nonexistent"],
+    ("melora.experiments.glue", [*GLUE, "trainer.mixed_precision=fp8"], "trainer.mixed_precision=fp8 is not supported on this machine; choose one of auto, no"),
+    ("melora.experiments.glue", [*GLUE, "task.lr=-1"], "task.lr=-1 is invalid: it must be a number, above 0 (e.g. task.lr=4e-4)"),
+    ("melora.experiments.glue", [*GLUE, "model.source=path", "model.name_or_path=/nonexistent"],
      "model.name_or_path=/nonexistent is not a folder: with model.source=path give a folder written by save_pretrained"),
-    ("melora.glue", [*GLUE, "task=glue/foo"], "task=glue/foo is unknown; choose one of glue/cola, glue/mnli, glue/mrpc"),
-    ("melora.glue", [*GLUE, "task.epochs=0"], "task.epochs=0 is invalid: it must be a whole number, at least 1 (e.g. task.epochs=3)"),
-    ("melora.glue", [*GLUE, "method.r=0"], "r must be an integer >= 1, got 0"),
-    ("melora.glue", [*GLUE, "method.scaling=bogus"], "scaling='bogus' is unknown"),
-    ("melora.glue", [*GLUE, "method=melora", "method.n=7"], "is not divisible by n=7; choose n among"),
-    ("melora.glue", [*GLUE[:1], "task=glue/mnli", *GLUE[2:]], "MNLI/train.tsv"),
+    ("melora.experiments.glue", [*GLUE, "task=glue/foo"], "task=glue/foo is unknown; choose one of glue/cola, glue/mnli, glue/mrpc"),
+    ("melora.experiments.glue", [*GLUE, "task.epochs=0"], "task.epochs=0 is invalid: it must be a whole number, at least 1 (e.g. task.epochs=3)"),
+    ("melora.experiments.glue", [*GLUE, "method.r=0"], "r must be an integer >= 1, got 0"),
+    ("melora.experiments.glue", [*GLUE, "method.scaling=bogus"], "scaling='bogus' is unknown"),
+    ("melora.experiments.glue", [*GLUE, "method=melora", "method.n=7"], "is not divisible by n=7; choose n among"),
+    ("melora.experiments.glue", [*GLUE[:1], "task=glue/mnli", *GLUE[2:]], "MNLI/train.tsv"),
     # Settings checked before any model loads.
-    ("melora.glue", [*GLUE, "task.lr=0"], "task.lr=0 is invalid: it must be a number, above 0"),
-    ("melora.glue", [*GLUE, "task.batch_size=0"], "task.batch_size=0 is invalid: it must be a whole number, at least 1"),
-    ("melora.glue", [*GLUE, "trainer.per_device_batch_size=3"], "is not a multiple of the micro-batch trainer.per_device_batch_size=3; change one"),
-    ("melora.glue", [*GLUE, "trainer.max_steps=0"], "trainer.max_steps=0 is invalid: it must be null or a whole number, at least 1"),
-    ("melora.glue", [*GLUE, "trainer.warmup_ratio=2"], "trainer.warmup_ratio=2 is invalid: it must be a number, between 0 and 1"),
-    ("melora.glue", [*GLUE, "model.source=path", "model.name_or_path={no_config}"], "holds no config.json: give a folder written by save_pretrained"),
-    ("melora.glue", [*GLUE, "model.source=ftp"], "model.source=ftp is unknown; choose one of hub, path, package"),
-    ("melora.glue", [*GLUE, "model=foo"], "model=foo is unknown; choose one of llama2-7b, minilm"),
-    ("melora.glue", [*GLUE, "method=foo"], "method=foo is unknown; choose one of adalora, delta_lora, dylora, lora, melora"),
-    ("melora.glue", [*GLUE, "selection=foo"], "selection=foo is unknown; choose one of dev, dev_halves, heldout"),
-    ("melora.glue", [*GLUE, "data_dir={empty}"], "{empty}/glue/RTE/train.tsv. Local loading expects"),
-    ("melora.instruct", [*INSTRUCT, "trainer.mixed_precision=fp8"], "trainer.mixed_precision=fp8 is not supported on this machine"),
-    ("melora.instruct", [*INSTRUCT, "task.lr=0"], "task.lr=0 is invalid"),
-    ("melora.instruct", [*INSTRUCT, "task.micro_batch_size=0"], "task.micro_batch_size=0 is invalid: it must be a whole number, at least 1"),
-    ("melora.instruct", [*INSTRUCT, "model.dtype=float8"], "model.dtype=float8 is unknown; choose one of float32"),
-    ("melora.instruct", [*INSTRUCT, "task=instruct/foo"], "task=instruct/foo is unknown; choose one of instruct/alpaca"),
-    ("melora.instructeval", [*EVAL, "adapter_dir=/nonexistent"], "no adapter in /nonexistent"),
-    ("melora.instructeval", [*EVAL, "adapter_dir={adapter}"],
+    ("melora.experiments.glue", [*GLUE, "task.lr=0"], "task.lr=0 is invalid: it must be a number, above 0"),
+    ("melora.experiments.glue", [*GLUE, "task.batch_size=0"], "task.batch_size=0 is invalid: it must be a whole number, at least 1"),
+    ("melora.experiments.glue", [*GLUE, "trainer.per_device_batch_size=3"], "is not a multiple of the micro-batch trainer.per_device_batch_size=3; change one"),
+    ("melora.experiments.glue", [*GLUE, "trainer.max_steps=0"], "trainer.max_steps=0 is invalid: it must be null or a whole number, at least 1"),
+    ("melora.experiments.glue", [*GLUE, "trainer.warmup_ratio=2"], "trainer.warmup_ratio=2 is invalid: it must be a number, between 0 and 1"),
+    ("melora.experiments.glue", [*GLUE, "model.source=path", "model.name_or_path={no_config}"], "holds no config.json: give a folder written by save_pretrained"),
+    ("melora.experiments.glue", [*GLUE, "model.source=ftp"], "model.source=ftp is unknown; choose one of hub, path, package"),
+    ("melora.experiments.glue", [*GLUE, "model=foo"], "model=foo is unknown; choose one of llama2-7b, minilm"),
+    ("melora.experiments.glue", [*GLUE, "method=foo"], "method=foo is unknown; choose one of adalora, delta_lora, dylora, lora, melora"),
+    ("melora.experiments.glue", [*GLUE, "selection=foo"], "selection=foo is unknown; choose one of dev, dev_halves, heldout"),
+    ("melora.experiments.glue", [*GLUE, "data_dir={empty}"], "{empty}/glue/RTE/train.tsv. Local loading expects"),
+    ("melora.experiments.instruct", [*INSTRUCT, "trainer.mixed_precision=fp8"], "trainer.mixed_precision=fp8 is not supported on this machine"),
+    ("melora.experiments.instruct", [*INSTRUCT, "task.lr=0"], "task.lr=0 is invalid"),
+    ("melora.experiments.instruct", [*INSTRUCT, "task.micro_batch_size=0"], "task.micro_batch_size=0 is invalid: it must be a whole number, at least 1"),
+    ("melora.experiments.instruct", [*INSTRUCT, "model.dtype=float8"], "model.dtype=float8 is unknown; choose one of float32"),
+    ("melora.experiments.instruct", [*INSTRUCT, "task=instruct/foo"], "task=instruct/foo is unknown; choose one of instruct/alpaca"),
+    ("melora.experiments.instructeval", [*EVAL, "adapter_dir=/nonexistent"], "no adapter in /nonexistent"),
+    ("melora.experiments.instructeval", [*EVAL, "adapter_dir={adapter}"],
      "{adapter}/adapter_model.safetensors is damaged (SafetensorError: Error while deserializing header: header too small); "
      "the adapter cannot be evaluated: train it again or restore the file"),
-    ("melora.instructeval", [*EVAL, "eval.tasks=[mmlu,foo]"], "eval.tasks names unknown benchmark(s) foo; choose from mmlu"),
-    ("melora.instructeval", [*EVAL, "eval.batch_size=0"], "eval.batch_size=0 is invalid: it must be a whole number, at least 1"),
-    ("melora.instructeval", [*EVAL, "model=foo"], "model=foo is unknown; choose one of"),
-    ("melora.sweep", ["nosuch", "--profile", "smoke"], "no experiment spec"),
-    ("melora.sweep", ["demo", "--profile", "bogus"], "spec 'demo' has no profile 'bogus'; it has ['mini', 'smoke']"),
-    ("melora.sweep", [*SWEEP, "--jobs", "0"], "--jobs 0 is invalid: give the number of local worker processes, at least 1"),
-    ("melora.sweep", [*SWEEP, "--launcher", "bogus"], "hydra/launcher=bogus is unknown; choose one of"),
-    ("melora.sweep", [*SWEEP, "trainer.mixed_precision=fp8"], "trainer.mixed_precision=fp8 is not supported on this machine"),
-    ("melora.sweep", [*SWEEP, "task.lr=-1"], "task.lr=-1 is invalid"),
-    ("melora.sweep", [*SWEEP, "task=glue/foo"], "task=glue/foo is unknown; choose one of glue/cola"),
+    ("melora.experiments.instructeval", [*EVAL, "eval.tasks=[mmlu,foo]"], "eval.tasks names unknown benchmark(s) foo; choose from mmlu"),
+    ("melora.experiments.instructeval", [*EVAL, "eval.batch_size=0"], "eval.batch_size=0 is invalid: it must be a whole number, at least 1"),
+    ("melora.experiments.instructeval", [*EVAL, "model=foo"], "model=foo is unknown; choose one of"),
+    ("melora.experiments.sweep", ["nosuch", "--profile", "smoke"], "no experiment spec"),
+    ("melora.experiments.sweep", ["demo", "--profile", "bogus"], "spec 'demo' has no profile 'bogus'; it has ['mini', 'smoke']"),
+    ("melora.experiments.sweep", [*SWEEP, "--jobs", "0"], "--jobs 0 is invalid: give the number of local worker processes, at least 1"),
+    ("melora.experiments.sweep", [*SWEEP, "--launcher", "bogus"], "hydra/launcher=bogus is unknown; choose one of"),
+    ("melora.experiments.sweep", [*SWEEP, "trainer.mixed_precision=fp8"], "trainer.mixed_precision=fp8 is not supported on this machine"),
+    ("melora.experiments.sweep", [*SWEEP, "task.lr=-1"], "task.lr=-1 is invalid"),
+    ("melora.experiments.sweep", [*SWEEP, "task=glue/foo"], "task=glue/foo is unknown; choose one of glue/cola"),
 ]
 if torch.cuda.is_available():  # a GPU machine has the device this case asks for
     CASES = [c for c in CASES if "fp8" not in " ".join(c[1])]
 else:
-    CASES.append(("melora.instructeval", [*EVAL, "eval.device=cuda"], "eval.device=cuda: this machine has no CUDA device; use eval.device=auto"))
+    CASES.append(("melora.experiments.instructeval", [*EVAL, "eval.device=cuda"], "eval.device=cuda: this machine has no CUDA device; use eval.device=auto"))
 
 
 def fill(text: str, places: dict[str, Path]) -> str:
@@ -160,8 +165,8 @@ def test_a_bad_input_is_one_line_that_names_the_fix(entry, args, fragment, place
 
 
 @pytest.mark.parametrize("entry,args,fragment", [
-    ("melora.glue", [*GLUE, "trainer.mixed_precision=fp8"], "trainer.mixed_precision=fp8 is not supported on this machine"),
-    ("melora.sweep", [*SWEEP, "--jobs", "0"], "--jobs 0 is invalid"),
+    ("melora.experiments.glue", [*GLUE, "trainer.mixed_precision=fp8"], "trainer.mixed_precision=fp8 is not supported on this machine"),
+    ("melora.experiments.sweep", [*SWEEP, "--jobs", "0"], "--jobs 0 is invalid"),
 ], ids=["glue", "sweep"])
 def test_the_command_line_itself_gives_the_one_line(entry, args, fragment, tmp_path):
     """``python -m``: the ``__main__`` path prints the same line."""
@@ -173,11 +178,11 @@ def test_the_command_line_itself_gives_the_one_line(entry, args, fragment, tmp_p
 
 def test_hydra_full_error_and_debug_give_the_traceback(tmp_path):
     data_dir()
-    status, output = run_main("melora.glue", [*GLUE, "task.lr=-1", f"runs_root={tmp_path}"], tmp_path / "a.txt", dict(ENV, HYDRA_FULL_ERROR="1"))
+    status, output = run_main("melora.experiments.glue", [*GLUE, "task.lr=-1", f"runs_root={tmp_path}"], tmp_path / "a.txt", dict(ENV, HYDRA_FULL_ERROR="1"))
     assert status == 1 and "Traceback" in output and "task.lr=-1 is invalid" in output
-    status, output = run_main("melora.glue", [*GLUE, "task=glue/foo", f"runs_root={tmp_path}"], tmp_path / "b.txt", dict(ENV, HYDRA_FULL_ERROR="1"))
+    status, output = run_main("melora.experiments.glue", [*GLUE, "task=glue/foo", f"runs_root={tmp_path}"], tmp_path / "b.txt", dict(ENV, HYDRA_FULL_ERROR="1"))
     assert status == 1 and "Could not find 'task/glue/foo'" in output  # Hydra's own report
-    status, output = run_main("melora.sweep", [*SWEEP, "--jobs", "0", "--debug", f"runs_root={tmp_path}"], tmp_path / "c.txt")
+    status, output = run_main("melora.experiments.sweep", [*SWEEP, "--jobs", "0", "--debug", f"runs_root={tmp_path}"], tmp_path / "c.txt")
     assert status == 1 and "Traceback" in output and "--jobs 0 is invalid" in output
 
 
@@ -225,8 +230,17 @@ def test_load_adapter_names_a_damaged_config_and_a_missing_weights_file(saved_ad
 
 
 def test_load_glue_names_the_missing_file(tmp_path):
-    from melora.data.glue import load_glue
+    from melora.experiments.data.glue import load_glue
 
     with pytest.raises(FileNotFoundError) as err:
         load_glue("rte", data_dir=tmp_path)
     assert str(tmp_path / "glue" / "RTE" / "train.tsv") in one_line(err.value) and "Put the file there" in str(err.value)
+
+
+@pytest.mark.parametrize("entry,args", [("melora.experiments.glue", GLUE), ("melora.experiments.sweep", SWEEP)], ids=["glue", "sweep"])
+def test_without_the_configs_the_pipelines_say_what_they_need(entry, args, tmp_path):
+    """An installed package without its clone (a non-editable install): one line naming MELORA_PROJECT_DIR."""
+    env = dict(ENV, MELORA_PROJECT_DIR=str(tmp_path))
+    proc = subprocess.run([sys.executable, "-m", entry, *args], cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
+    line = assert_one_error_line(proc.returncode, proc.stdout + proc.stderr, f"no configs/ and experiments/ in {tmp_path}")
+    assert "MELORA_PROJECT_DIR=<clone>" in line

@@ -1,6 +1,6 @@
 """Paper-shape dry runs: the paper configurations on random-weight roberta-base / LLaMA-2-7B-layer folders.
 
-The runs go through the real entry points (``python -m melora.glue|instruct|instructeval
+The runs go through the real entry points (``python -m melora.experiments.glue|instruct|instructeval
 profile=paper model=roberta-base|llama2-7b model.source=path model.name_or_path=<folder>``),
 cut to two optimiser steps. The folders are cached in ``$MELORA_CACHE/paper-shapes``: the
 first session builds them (about 40 s), later ones reuse them.
@@ -18,7 +18,7 @@ from conftest import data_dir
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from melora.paper_shapes import (
+from melora.experiments.paper_shapes import (
     GLUE_METHODS,
     GLUE_TASKS,
     INSTRUCT_METHODS,
@@ -125,7 +125,7 @@ def test_folders_have_the_paper_architectures(shapes):
 
 
 def test_stand_ins_fill_the_glue_files_this_machine_lacks(shapes):
-    from melora.data.glue import load_glue
+    from melora.experiments.data.glue import load_glue
 
     assert set(shapes.standins) <= {f"{task}/{f}" for task, files in STANDIN_FILES.items() for f in files}
     for task, labels in (("mnli", 3), ("qqp", 2), ("qnli", 2)):

@@ -10,9 +10,9 @@ import pytest
 import torch
 from test_glue_pipeline import data_dir, train_in_process
 
-from melora.data.glue import dev_halves
-from melora.metrics import glue_metrics
-from melora.train.predictions import PREDICTIONS_FILE, read_predictions, write_predictions
+from melora.experiments.data.glue import dev_halves
+from melora.experiments.metrics import glue_metrics
+from melora.experiments.train.predictions import PREDICTIONS_FILE, read_predictions, write_predictions
 
 
 def test_halves_are_disjoint_cover_the_dev_set_and_are_stratified():
@@ -46,7 +46,7 @@ def test_regression_halves_are_stratified_by_score_bins():
 def test_split_is_the_same_in_another_process():
     labels = [i % 3 for i in range(500)]
     _, _, info = dev_halves(np.array(labels), seed=20240227)
-    code = ("import numpy as np; from melora.data.glue import dev_halves; "
+    code = ("import numpy as np; from melora.experiments.data.glue import dev_halves; "
             f"print(dev_halves(np.array({labels}), seed=20240227)[2]['validation_indices_sha256'])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == info["validation_indices_sha256"]
@@ -101,7 +101,7 @@ def test_a_run_chooses_its_epoch_on_the_validation_half_and_records_both_halves(
 
 def test_dev_halves_runs_have_their_own_folders():
     """Every lr and epoch count of the protocol has its own folder, apart from the held-out protocol's."""
-    from melora.sweep import RunSpec, compose_run
+    from melora.experiments.sweep import RunSpec, compose_run
 
     def run_dir(*overrides):
         return compose_run(RunSpec("glue", ["profile=mini", "task=glue/mrpc", "method=lora", *overrides])).run_dir

@@ -8,20 +8,18 @@ mid-file: every file melora writes goes through :func:`melora.files._write`.
 import errno
 import json
 import os
-import sys
-import traceback
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import data_dir, tiny_bert
+from test_bad_inputs import run_main
 
 import melora
 import melora.files
+from melora.experiments.train.checkpoint import inspect_resume, save_checkpoint
 from melora.files import DiskFull, atomic_write_json
-from melora.train.checkpoint import inspect_resume, save_checkpoint
 
-ROOT = Path(__file__).resolve().parents[2]
 ENV = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
 # A smoke run of 8 optimiser steps (4 a epoch), a checkpoint after each (eval_every=1).
 RUN = ["profile=smoke", "task=glue/sst2", "task.max_train_samples=32", "task.max_eval_samples=16", "task.epochs=2",
@@ -94,57 +92,31 @@ def test_a_record_or_an_adapter_that_does_not_fit_leaves_the_previous_file(tmp_p
     assert snapshot(tmp_path) == before  # no half file, no temp file left behind
 
 
-def run_glue_in_child(args: list[str], out: Path, fill_up_after_checkpoints: int | None = None) -> tuple[int, str]:
-    """``python -m melora.glue <args>`` in a forked child; ``fill_up_after_checkpoints``: the disk fills part-way
-    through the checkpoint after that many. Returns ``(exit status, stdout + stderr)``."""
-    pid = os.fork()
-    if pid == 0:  # the child: never returns into pytest
-        code = 1
-        try:
-            fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
-            os.dup2(fd, 1)
-            os.dup2(fd, 2)
-            sys.stdout = open(1, "w", closefd=False)  # pytest's capture replaced the Python streams
-            sys.stderr = open(2, "w", closefd=False)
-            os.chdir(ROOT)
-            os.environ.clear()
-            os.environ.update(ENV)
-            if fill_up_after_checkpoints is not None:
-                real, saved = melora.files._write, []
+def fill_up_after_checkpoints(count: int):
+    """A ``prepare`` for :func:`run_main`: the disk fills part-way through the checkpoint after ``count`` of them."""
 
-                def write(f, data):
-                    name = str(getattr(f, "name", ""))
-                    if ".checkpoint.tmp" in name and name.endswith("state.json"):
-                        saved.append(name)
-                    if ".checkpoint.tmp" in name and name.endswith("adapter.safetensors") and len(saved) >= fill_up_after_checkpoints:
-                        f.write(data[: len(data) // 2])
-                        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-                    return real(f, data)
+    def prepare() -> None:
+        real, saved = melora.files._write, []
 
-                melora.files._write = write
-            from melora.glue import main
+        def write(f, data):
+            name = str(getattr(f, "name", ""))
+            if ".checkpoint.tmp" in name and name.endswith("state.json"):
+                saved.append(name)
+            if ".checkpoint.tmp" in name and name.endswith("adapter.safetensors") and len(saved) >= count:
+                f.write(data[: len(data) // 2])
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return real(f, data)
 
-            sys.argv = [str(ROOT / "melora" / "glue.py"), *args]
-            main()
-            code = 0
-        except SystemExit as stop:
-            code = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
-        except BaseException:
-            traceback.print_exc()
-            code = 1
-        finally:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    return os.waitstatus_to_exitcode(status), out.read_text()
+        melora.files._write = write
+
+    return prepare
 
 
 def test_a_run_whose_disk_fills_up_says_so_in_one_line_and_the_rerun_resumes(tmp_path):
     data_dir()
     run_dir = tmp_path / "run"
     args = [*RUN, f"hydra.run.dir={run_dir}"]
-    status, out = run_glue_in_child(args, tmp_path / "full.txt", fill_up_after_checkpoints=3)
+    status, out = run_main("melora.experiments.glue", args, tmp_path / "full.txt", ENV, fill_up_after_checkpoints(3))
     errors = [line for line in out.splitlines() if line.startswith("Error: ")]
     assert status == 1 and "Traceback" not in out, out[-3000:]
     assert len(errors) == 1, out[-3000:]
@@ -154,7 +126,7 @@ def test_a_run_whose_disk_fills_up_says_so_in_one_line_and_the_rerun_resumes(tmp
     assert json.loads((run_dir / "record.json").read_text())["status"] == "running"
     assert not list(run_dir.glob(".checkpoint*")) and not list(run_dir.rglob("*.tmp"))
 
-    status, out = run_glue_in_child(args, tmp_path / "again.txt")
+    status, out = run_main("melora.experiments.glue", args, tmp_path / "again.txt", ENV)
     assert status == 0, out[-3000:]
     assert f"resuming {run_dir} from step 3 " in out
     record = json.loads((run_dir / "record.json").read_text())

@@ -8,11 +8,11 @@ import pytest
 import yaml
 from omegaconf import OmegaConf
 
-from melora.experiment import adapter_config
-from melora.report.figures import FIGURE3_BASELINE, FIGURE3_SETTINGS
-from melora.report.paper import TABLES
-from melora.report.records import BASE_TAG
-from melora.sweep import CONFIGS, EXPERIMENTS, compose_run, expand, load_spec
+from melora.experiments.report.figures import FIGURE3_BASELINE, FIGURE3_SETTINGS
+from melora.experiments.report.paper import TABLES
+from melora.experiments.report.records import BASE_TAG
+from melora.experiments.scaffold import adapter_config
+from melora.experiments.sweep import CONFIGS, EXPERIMENTS, compose_run, expand, load_spec
 
 SPECS = ["table2", "table3", "table4", "table5", "figure3", "figure4", "figure5"]
 PROFILES = ["paper", "mini", "smoke"]
@@ -33,14 +33,14 @@ COUNTS = {
 
 
 # The spec features these files use: profile-level `tasks` (for groups that name none)
-# and a group-level `profiles` filter. A probe spec shows whether melora.sweep.expand has them.
+# and a group-level `profiles` filter. A probe spec shows whether melora.experiments.sweep.expand has them.
 PROBE = {"name": "probe", "entry": "glue", "profiles": {"mini": {"seeds": [0], "tasks": ["glue/rte"]}},
          "groups": [{"methods": [["method=lora"]]}, {"profiles": ["paper"], "methods": [["method=dylora"]]}]}
 
 
 def runs(name: str, profile: str):
     if [r.overrides for r in expand(PROBE, "mini")] != [["profile=mini", "task=glue/rte", "method=lora", "seed=0"]]:
-        pytest.fail("melora.sweep.expand does not read the profile-level `tasks` and the group `profiles` filter "
+        pytest.fail("melora.experiments.sweep.expand does not read the profile-level `tasks` and the group `profiles` filter "
                     "that experiments/*.yaml use: in expand(), `if profile not in group.get('profiles', [profile]): "
                     "continue` and `tasks = group.get('tasks', prof.get('tasks', [None]))`")
     return expand(load_spec(name), profile)
@@ -81,7 +81,7 @@ def _method_node(method_overrides: tuple[str, ...]):
 @pytest.mark.parametrize("name", SPECS)
 def test_spec_opens_with_its_make_command(name):
     text = (EXPERIMENTS / f"{name}.yaml").read_text()
-    assert text.startswith(f"# make {name} PROFILE=mini   (= python -m melora.sweep {name} --profile mini, then\n"
+    assert text.startswith(f"# make {name} PROFILE=mini   (= python -m melora.experiments.sweep {name} --profile mini, then\n"
                            f"#   python scripts/make_results.py --runs runs/mini --out results --only {name})\n")
     assert load_spec(name)["name"] == name
     makefile = (Path(__file__).resolve().parents[2] / "Makefile").read_text()
@@ -178,7 +178,7 @@ def test_instruct_runs_compose(name, tmp_path):
 
 
 def test_several_specs_share_their_common_runs():
-    from melora.sweep import expand_specs
+    from melora.experiments.sweep import expand_specs
 
     both = expand_specs(["demo", "table2"], "mini")
     assert len(runs("demo", "mini")) == 15 and len(runs("table2", "mini")) == 40
@@ -206,7 +206,7 @@ def test_scaling_study_gives_each_convention_its_own_folder(tmp_path):
 def test_spec_cost_sums_the_complete_runs_of_a_spec(tmp_path):
     import json
 
-    from melora.sweep import cost_table, spec_cost
+    from melora.experiments.sweep import cost_table, spec_cost
 
     every = runs("table4", "smoke")
     for run, minutes, status in zip(every, (2.0, 4.0, 3.0), ("completed", "completed", "failed")):

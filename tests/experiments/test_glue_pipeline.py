@@ -31,7 +31,7 @@ def compose_glue(overrides):
 def test_every_task_method_profile_composes(profile, method):
     from omegaconf import OmegaConf
 
-    from melora.experiment import adapter_config, trainer_config
+    from melora.experiments.scaffold import adapter_config, trainer_config
 
     for task in TASKS:
         cfg = compose_glue([f"task=glue/{task}", f"method={method}", f"profile={profile}", "runs_root=/tmp/x"])
@@ -56,7 +56,7 @@ def test_paper_epochs():
 
 
 def test_step_fractions_and_adalora_total_step():
-    from melora.experiment import adapter_config
+    from melora.experiments.scaffold import adapter_config
 
     cfg = compose_glue(["method=adalora"])
     acfg = adapter_config(cfg.method, total_steps=500)
@@ -66,13 +66,13 @@ def test_step_fractions_and_adalora_total_step():
 
 
 def run_glue(run_dir, *overrides, timeout=600):
-    cmd = [sys.executable, "-m", "melora.glue", f"hydra.run.dir={run_dir}", "profile=smoke", *overrides]
+    cmd = [sys.executable, "-m", "melora.experiments.glue", f"hydra.run.dir={run_dir}", "profile=smoke", *overrides]
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
 
 
 def train_in_process(run_dir, *overrides):
     """The same code path as the CLI, without paying the interpreter start-up per run."""
-    from melora.glue import train_glue
+    from melora.experiments.glue import train_glue
 
     with initialize_config_dir(config_dir=CONFIGS, version_base="1.3"):
         cfg = compose("config", overrides=["profile=smoke", f"run_dir={run_dir}", *overrides])
@@ -137,7 +137,7 @@ def test_killed_run_resumes_to_the_same_result(tmp_path):
     assert full.returncode == 0, full.stderr[-3000:]
 
     killed = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "melora.glue", f"hydra.run.dir={killed}", "profile=smoke", *args]
+    cmd = [sys.executable, "-m", "melora.experiments.glue", f"hydra.run.dir={killed}", "profile=smoke", *args]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     state = killed / "checkpoint" / "state.json"
     deadline = time.time() + 300
@@ -164,7 +164,7 @@ def test_killed_run_resumes_to_the_same_result(tmp_path):
 
 
 def test_nan_loss_stops_with_a_failed_record(tmp_path):
-    from melora.train.trainer import TrainingDiverged
+    from melora.experiments.train.trainer import TrainingDiverged
 
     data_dir()
     with pytest.raises(TrainingDiverged, match=r"loss is (nan|inf)"):
@@ -189,7 +189,7 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
         # accelerate's CPU mode with --cpu starts one process (it expects mpirun); its
         # multi-process launcher plus ACCELERATE_USE_CPU gives two gloo processes.
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "melora.glue",
+        "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "melora.experiments.glue",
         f"hydra.run.dir={tmp_path / 'two'}", "profile=smoke", *args, "trainer.per_device_batch_size=4",
     ]
     env = dict(os.environ, OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="1")

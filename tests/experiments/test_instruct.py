@@ -1,4 +1,4 @@
-"""Instruction tuning (``melora.instruct``): configs, data path, response-only loss, training runs.
+"""Instruction tuning (``melora.experiments.instruct``): configs, data path, response-only loss, training runs.
 
 Training runs use a tiny random LLaMA and a byte-level tokenizer saved to a
 temporary folder (``model.source=path``), so they take seconds; the real
@@ -66,7 +66,7 @@ def tiny_overrides(model_dir, dataset, *extra):
 
 
 def train_tiny(run_dir, model_dir, dataset, *extra):
-    from melora.instruct import train_instruct
+    from melora.experiments.instruct import train_instruct
 
     return train_instruct(compose_instruct([*tiny_overrides(model_dir, dataset, *extra), f"run_dir={run_dir}"]))
 
@@ -83,7 +83,7 @@ def read(run_dir):
 def test_every_method_profile_composes(profile, method):
     from omegaconf import OmegaConf
 
-    from melora.experiment import adapter_config, trainer_config
+    from melora.experiments.scaffold import adapter_config, trainer_config
 
     extra = ["method.n=8", "method.r=1"] if method == "melora" else []
     cfg = compose_instruct([f"method={method}", f"profile={profile}", "runs_root=/tmp/x", *extra], hydra_config=True)
@@ -101,7 +101,7 @@ def test_every_method_profile_composes(profile, method):
 
 
 def test_paper_protocol_and_llama2_config():
-    from melora.experiment import trainer_config
+    from melora.experiments.scaffold import trainer_config
 
     cfg = compose_instruct(["profile=paper", "model=llama2-7b", "method=lora", "method.r=64"])
     task = cfg.task
@@ -137,7 +137,7 @@ def test_paper_sweeps_expand_to_distinct_run_folders(sweep, tags):
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    from melora.experiment import adapter_config
+    from melora.experiments.scaffold import adapter_config
 
     parsed = OverridesParser.create().parse_overrides(["profile=paper", "model=llama2-7b", *sweep])
     jobs = BasicSweeper.split_arguments(parsed, max_batch_size=None)[0]
@@ -158,8 +158,8 @@ def test_paper_sweeps_expand_to_distinct_run_folders(sweep, tags):
 
 
 def test_micro_batches_cover_every_example_once_and_group_by_length():
-    from melora.instruct import MEGABATCH_FACTOR
-    from melora.train.batching import FixedBatches, length_grouped_batches, padding_fraction
+    from melora.experiments.instruct import MEGABATCH_FACTOR
+    from melora.experiments.train.batching import FixedBatches, length_grouped_batches, padding_fraction
 
     g = torch.Generator().manual_seed(0)
     lengths = torch.randint(5, 200, (203,), generator=g).tolist()
@@ -188,10 +188,10 @@ def test_micro_batches_cover_every_example_once_and_group_by_length():
 
 def test_loss_is_on_response_tokens_only_through_the_training_path(tiny_model_dir, alpaca_json):
     """The batches the trainer sees score exactly the response (+ EOS) tokens."""
-    from melora.data.alpaca import CausalLMCollator, build_prompt, load_alpaca
-    from melora.instruct import MEGABATCH_FACTOR, load_instruct_model, prepare_alpaca_data, token_losses
-    from melora.models import load_tokenizer
-    from melora.train.batching import length_grouped_batches
+    from melora.experiments.data.alpaca import CausalLMCollator, build_prompt, load_alpaca
+    from melora.experiments.instruct import MEGABATCH_FACTOR, load_instruct_model, prepare_alpaca_data, token_losses
+    from melora.experiments.models import load_tokenizer
+    from melora.experiments.train.batching import length_grouped_batches
 
     cfg = compose_instruct([*tiny_overrides(tiny_model_dir, alpaca_json), "run_dir=/tmp/unused"])
     tokenizer = load_tokenizer(cfg.model)
@@ -227,7 +227,7 @@ def test_loss_is_on_response_tokens_only_through_the_training_path(tiny_model_di
     # The distributed evaluator and the single-process one agree; both are token-weighted.
     from accelerate import Accelerator
 
-    from melora.instruct import dev_batches, dev_loss_of, make_dev_loss_evaluator
+    from melora.experiments.instruct import dev_batches, dev_loss_of, make_dev_loss_evaluator
 
     batches = dev_batches(dev, 3)
     metrics = make_dev_loss_evaluator(dev, batches, collate)(model, Accelerator(cpu=True))
@@ -271,7 +271,7 @@ def test_tiny_run_writes_a_complete_record_and_keeps_the_lowest_dev_loss(tmp_pat
     assert adapter and all(t.dtype == torch.float32 for t in adapter.values())
     assert (run_dir / "config.yaml").is_file()
 
-    from melora.instruct import train_instruct
+    from melora.experiments.instruct import train_instruct
 
     stamp = (run_dir / "record.json").stat().st_mtime_ns
     again = train_instruct(compose_instruct([*tiny_overrides(tiny_model_dir, alpaca_json, "method=melora", "method.n=4", "method.r=2", "task.epochs=3"), f"run_dir={run_dir}"]))
@@ -281,7 +281,7 @@ def test_tiny_run_writes_a_complete_record_and_keeps_the_lowest_dev_loss(tmp_pat
 
 
 def test_interrupted_run_resumes_to_the_same_result(tmp_path, tiny_model_dir, alpaca_json, monkeypatch):
-    from melora.train.trainer import Trainer
+    from melora.experiments.train.trainer import Trainer
 
     args = ["method=lora", "method.r=4", "task.epochs=2"]
     full = train_tiny(tmp_path / "full", tiny_model_dir, alpaca_json, *args)
@@ -309,7 +309,7 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path, tiny_model_dir, al
 
 
 def test_gradient_checkpointing_gives_the_same_training(tmp_path, tiny_model_dir, alpaca_json):
-    from melora.instruct import load_instruct_model
+    from melora.experiments.instruct import load_instruct_model
 
     args = ["method=lora", "method.r=4", "method.dropout=0.0", "task.epochs=1"]
     plain = train_tiny(tmp_path / "plain", tiny_model_dir, alpaca_json, *args)

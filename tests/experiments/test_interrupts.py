@@ -1,7 +1,7 @@
 """Ctrl-C and SIGTERM with real processes: a smoke sweep on two loky workers, and a single run.
 
-A Ctrl-C is SIGINT to the foreground process group: ``melora.sweep`` alone (its
-child sweep runs in a session of its own), or ``melora.glue`` with its
+A Ctrl-C is SIGINT to the foreground process group: ``melora.experiments.sweep`` alone (its
+child sweep runs in a session of its own), or ``melora.experiments.glue`` with its
 children. After the first optimiser step (a checkpoint exists, ``eval_every=1``)
 the signal must end every process within ~10 s, print one summary line with
 the command that resumes, keep the finished run's record and the stopped run's
@@ -98,7 +98,7 @@ def summary_lines(text: str) -> list[str]:
 
 
 def sweep_command(spec: Path, runs: Path) -> list[str]:
-    return [sys.executable, "-m", "melora.sweep", str(spec), "--profile", "smoke", "--jobs", "2", f"runs_root={runs}", "logger=none"]
+    return [sys.executable, "-m", "melora.experiments.sweep", str(spec), "--profile", "smoke", "--jobs", "2", f"runs_root={runs}", "logger=none"]
 
 
 @pytest.fixture
@@ -138,14 +138,14 @@ def interrupt_the_sweep(tmp_path, started) -> tuple[Path, Path, Path, str]:
     lines = summary_lines(out)
     assert len(lines) == 1, out[-3000:]
     assert "1 of 2 runs finished" in lines[0] and "1 stopped mid-run" in lines[0], lines[0]
-    assert lines[0].endswith(f"rerun the same command to resume: python -m melora.sweep {spec} --profile smoke --jobs 2 "
+    assert lines[0].endswith(f"rerun the same command to resume: python -m melora.experiments.sweep {spec} --profile smoke --jobs 2 "
                              f"runs_root={runs} logger=none")
     assert "leaked" not in out and "Traceback" not in out, out[-3000:]
     return spec, runs, log, out
 
 
 def test_ctrl_c_stops_a_sweep_and_its_workers_and_keeps_what_they_wrote(tmp_path, started):
-    from melora.train.checkpoint import inspect_resume
+    from melora.experiments.train.checkpoint import inspect_resume
 
     _, runs, _, _ = interrupt_the_sweep(tmp_path, started)
     dirs = run_dirs(runs)
@@ -197,7 +197,7 @@ def test_sigterm_stops_a_run_which_keeps_its_checkpoint_and_says_how_to_resume(t
     run_dir, log = tmp_path / "run", tmp_path / "run.log"
     args = [f"hydra.run.dir={run_dir}", "profile=smoke", "task=glue/sst2", "task.max_train_samples=512", "task.epochs=1", "task.max_eval_samples=16",
             "trainer.eval_every=1", "method=lora", "logger=none"]
-    run = start([sys.executable, "-m", "melora.glue", *args], log)
+    run = start([sys.executable, "-m", "melora.experiments.glue", *args], log)
     started.append(run)
     wait_for(lambda: has_checkpoint(run_dir), run, log)
     took = stop_and_time(run, signal.SIGTERM, group=False)
@@ -208,5 +208,5 @@ def test_sigterm_stops_a_run_which_keeps_its_checkpoint_and_says_how_to_resume(t
     lines = summary_lines(out)
     assert len(lines) == 1 and "Traceback" not in out, out[-3000:]
     assert f"{run_dir} stopped; its last checkpoint (step {step} of 64)" in lines[0]
-    assert lines[0].endswith("rerun the same command to resume from it: python -m melora.glue " + " ".join(args))
+    assert lines[0].endswith("rerun the same command to resume from it: python -m melora.experiments.glue " + " ".join(args))
     assert json.loads((run_dir / "record.json").read_text())["status"] == "running"

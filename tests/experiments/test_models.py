@@ -2,7 +2,7 @@
 
 import pytest
 
-from melora import models
+from melora.experiments import models
 
 
 def test_package_file_from_the_import_folder():

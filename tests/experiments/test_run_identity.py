@@ -13,9 +13,9 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from melora.experiment import resolved
-from melora.runs import config_hash
-from melora.sweep import CONFIGS, ENTRIES, expand_specs
+from melora.experiments.runs import config_hash
+from melora.experiments.scaffold import resolved
+from melora.experiments.sweep import CONFIGS, ENTRIES, expand_specs
 
 ROOT = Path(__file__).resolve().parents[2]
 # Every STRIDE-th run: each method, task and spec is still among them, at a fifth of the composing time.

@@ -8,7 +8,7 @@ from datasets import Dataset
 from hydra import compose, initialize_config_dir
 from test_glue_pipeline import CONFIGS, data_dir, train_in_process
 
-from melora.data.glue import heldout_split
+from melora.experiments.data.glue import heldout_split
 
 
 def test_heldout_split_size_disjoint_and_deterministic():
@@ -36,8 +36,8 @@ def compose_glue(overrides):
 
 
 def test_same_split_for_every_method_and_seed_disjoint_from_train_and_dev():
-    from melora.glue import prepare_glue_data
-    from melora.models import load_tokenizer
+    from melora.experiments.glue import prepare_glue_data
+    from melora.experiments.models import load_tokenizer
 
     data_dir()
     splits = []
@@ -70,8 +70,8 @@ def test_best_epoch_is_chosen_on_heldout_and_dev_is_recorded(tmp_path):
 
 def test_dev_selection_keeps_the_identity_of_older_runs():
     """A committed record from before `selection` existed is still the same run."""
-    from melora.experiment import resolved
-    from melora.runs import config_hash
+    from melora.experiments.runs import config_hash
+    from melora.experiments.scaffold import resolved
 
     path = next(Path(__file__).resolve().parents[2].glob("results/runs/mini/glue-mrpc/minilm/lora_r8/seed0/record.json"))
     record = json.loads(path.read_text())
@@ -86,7 +86,7 @@ def test_dev_selection_keeps_the_identity_of_older_runs():
 
 def test_seeds_stage_takes_the_lr_chosen_on_validation(tmp_path, monkeypatch):
     """table2_heldout runs each row at its grid's validation-best lr, and waits for incomplete grids."""
-    from melora import sweep
+    from melora.experiments import sweep
 
     def fake_record(lr, val, dev):
         cfg = sweep.compose_run(sweep.RunSpec("glue", ["profile=smoke", "model=minilm", "selection=heldout",

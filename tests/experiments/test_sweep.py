@@ -14,8 +14,8 @@ import sys
 from conftest import data_dir
 from test_run_safety import ENV, ROOT, TASK, hold_lock, processes  # noqa: F401 (fixture)
 
-from melora.report.records import label_of, load_records
-from melora.sweep import RunSpec, compose_run
+from melora.experiments.report.records import label_of, load_records
+from melora.experiments.sweep import RunSpec, compose_run
 
 SPEC = """\
 name: tiny
@@ -32,7 +32,7 @@ groups:
 
 
 def sweep(spec, runs_root, *extra):
-    cmd = [sys.executable, "-m", "melora.sweep", str(spec), "--profile", "smoke", "--jobs", "2",
+    cmd = [sys.executable, "-m", "melora.experiments.sweep", str(spec), "--profile", "smoke", "--jobs", "2",
            f"runs_root={runs_root}", "logger=none", "trainer.progress=false", *extra]
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=ENV)
 
@@ -69,7 +69,7 @@ def test_submitit_local_launcher_runs_a_multirun_the_report_finds(tmp_path):
     """``hydra/launcher=slurm`` is submitit's SLURM executor; its local executor runs the same path here."""
     data_dir()
     runs = tmp_path / "runs"
-    cmd = [sys.executable, "-m", "melora.glue", "-m", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10",
+    cmd = [sys.executable, "-m", "melora.experiments.glue", "-m", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10",
            "profile=smoke", *TASK, "method=melora", "method.r=1", "method.n=2,8", f"runs_root={runs}", "logger=none",
            "trainer.progress=false"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=ENV)

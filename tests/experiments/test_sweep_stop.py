@@ -9,7 +9,7 @@ import time
 
 import psutil
 
-# A stand-in for `python -m melora.glue -m …` with joblib: a child that starts a worker of its own.
+# A stand-in for `python -m melora.experiments.glue -m …` with joblib: a child that starts a worker of its own.
 CHILD = textwrap.dedent(
     """
     import subprocess, sys, time
@@ -18,11 +18,11 @@ CHILD = textwrap.dedent(
     time.sleep(120)
     """
 )
-# The sweep's side: melora.sweep.call_in_group runs the child.
+# The sweep's side: melora.experiments.sweep.call_in_group runs the child.
 PARENT = textwrap.dedent(
     """
     import sys
-    from melora.sweep import call_in_group
+    from melora.experiments.sweep import call_in_group
     call_in_group([sys.executable, "-c", sys.argv[1], sys.argv[2]], grace_s=5)
     """
 )

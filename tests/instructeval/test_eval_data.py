@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from melora.instructeval import data as data_mod
-from melora.instructeval.bbh import build_bbh_prompt
-from melora.instructeval.data import (
+from melora.experiments.instructeval import data as data_mod
+from melora.experiments.instructeval.bbh import build_bbh_prompt
+from melora.experiments.instructeval.data import (
     BBH_TASKS,
     MMLU_SUBJECTS,
     load_bbh,
@@ -26,9 +26,9 @@ from melora.instructeval.data import (
     resolve_data_dir,
     subsample,
 )
-from melora.instructeval.drop import build_drop_prompt, format_drop_example, select_drop_shots
-from melora.instructeval.humaneval import build_humaneval_prompt
-from melora.instructeval.mmlu import build_mmlu_prompt, format_subject
+from melora.experiments.instructeval.drop import build_drop_prompt, format_drop_example, select_drop_shots
+from melora.experiments.instructeval.humaneval import build_humaneval_prompt
+from melora.experiments.instructeval.mmlu import build_mmlu_prompt, format_subject
 
 
 @pytest.fixture

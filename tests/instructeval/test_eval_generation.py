@@ -10,9 +10,9 @@ import pytest
 import torch
 from fixtures.toy import byte_tokenizer, tiny_llama, write_toy_data
 
-from melora.instructeval import evaluate_all, fit_shots, generate_batch
-from melora.instructeval.generation import continuation_logprobs, count_tokens, next_token_logprobs
-from melora.instructeval.mmlu import build_mmlu_prompt, evaluate_mmlu, predict_mmlu_loglik
+from melora.experiments.instructeval import evaluate_all, fit_shots, generate_batch
+from melora.experiments.instructeval.generation import continuation_logprobs, count_tokens, next_token_logprobs
+from melora.experiments.instructeval.mmlu import build_mmlu_prompt, evaluate_mmlu, predict_mmlu_loglik
 
 PROMPTS = [
     "Hi",
@@ -125,7 +125,7 @@ def test_mmlu_loglik_single_and_multi_token_paths_agree(model):
 
 
 def test_fit_shots_drops_shots_until_prompt_fits(tokenizer, tmp_path):
-    from melora.instructeval.data import load_mmlu
+    from melora.experiments.instructeval.data import load_mmlu
 
     root = write_toy_data(tmp_path)
     data = load_mmlu(root, ["toy_colors"])["toy_colors"]

@@ -9,13 +9,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest
 from fixtures.toy import byte_tokenizer, write_toy_data
 
-from melora.instructeval import bbh as bbh_mod
-from melora.instructeval import drop as drop_mod
-from melora.instructeval import mmlu as mmlu_mod
-from melora.instructeval.bbh import bbh_exact_match, bbh_prefix_match, extract_bbh_answer
-from melora.instructeval.drop import drop_em_f1, drop_metrics, normalize_drop_answer
-from melora.instructeval.humaneval import fix_indents, postprocess_completion
-from melora.instructeval.mmlu import extract_choice, score_mmlu
+from melora.experiments.instructeval import bbh as bbh_mod
+from melora.experiments.instructeval import drop as drop_mod
+from melora.experiments.instructeval import mmlu as mmlu_mod
+from melora.experiments.instructeval.bbh import bbh_exact_match, bbh_prefix_match, extract_bbh_answer
+from melora.experiments.instructeval.drop import drop_em_f1, drop_metrics, normalize_drop_answer
+from melora.experiments.instructeval.humaneval import fix_indents, postprocess_completion
+from melora.experiments.instructeval.mmlu import extract_choice, score_mmlu
 
 # --------------------------------------------------------------------------- DROP
 

@@ -8,8 +8,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest
 
-from melora.instructeval import check_correctness, load_humaneval, score_completions
-from melora.instructeval import sandbox as sandbox_mod
+from melora.experiments.instructeval import check_correctness, load_humaneval, score_completions
+from melora.experiments.instructeval import sandbox as sandbox_mod
 
 PROBLEM = {
     "task_id": "Test/0",

@@ -1,4 +1,4 @@
-"""INSTRUCTEVAL app (``melora.instructeval``) on saved adapters, and the real SmolLM2 smoke pipeline.
+"""INSTRUCTEVAL app (``melora.experiments.instructeval``) on saved adapters, and the real SmolLM2 smoke pipeline.
 
 The app tests train a tiny random LLaMA adapter (seconds) and evaluate it on
 the miniature benchmark files of :func:`fixtures.toy.write_toy_data`; one
@@ -26,7 +26,7 @@ TASKS = ["mmlu", "bbh", "drop", "humaneval"]
 
 
 def compose_eval(overrides, hydra_config=False):
-    import melora.instructeval  # noqa: F401  registers the run-folder resolver
+    import melora.experiments.instructeval  # noqa: F401  registers the run-folder resolver
 
     with initialize_config_dir(config_dir=CONFIGS, version_base="1.3"):
         return compose("instructeval", overrides=overrides, return_hydra_config=hydra_config)
@@ -56,7 +56,7 @@ def tiny_eval_overrides(model_dir, toy_root, *extra):
 
 
 def evaluate_tiny(run_dir, model_dir, toy_root, *extra):
-    from melora.instructeval import evaluate_instruct
+    from melora.experiments.instructeval import evaluate_instruct
 
     return evaluate_instruct(compose_eval([*tiny_eval_overrides(model_dir, toy_root, *extra), f"run_dir={run_dir}"]))
 
@@ -69,7 +69,7 @@ def read_eval(run_dir):
 
 
 def test_eval_name_and_adapter_folder(tmp_path):
-    from melora.instructeval.run import eval_name, resolve_adapter_dir
+    from melora.experiments.instructeval.run import eval_name, resolve_adapter_dir
 
     assert eval_name(None) == "base"
     assert eval_name("runs/mini/instruct-alpaca/smollm2-135m/lora_r8/seed0") == "lora_r8-seed0"
@@ -86,7 +86,7 @@ def test_eval_name_and_adapter_folder(tmp_path):
 
 @pytest.mark.parametrize("profile", ["paper", "mini", "smoke"])
 def test_eval_config_composes_per_profile(profile):
-    from melora.instructeval.run import task_settings
+    from melora.experiments.instructeval.run import task_settings
 
     cfg = compose_eval([f"profile={profile}", "adapter_dir=runs/x/lora_r8/seed0", "runs_root=/r"], hydra_config=True)
     assert cfg.hydra.run.dir == f"/r/{profile}/instructeval/smollm2-135m/lora_r8-seed0"
@@ -101,7 +101,7 @@ def test_eval_config_composes_per_profile(profile):
 
 
 def test_task_settings_layers():
-    from melora.instructeval.run import task_settings
+    from melora.experiments.instructeval.run import task_settings
 
     cfg = compose_eval(["profile=mini", "eval.max_examples=5", "+eval.task_kwargs.mmlu.scoring=loglik", "eval.tasks=[mmlu,humaneval]"])
     settings = task_settings(cfg)
@@ -147,7 +147,7 @@ def test_eval_of_a_saved_adapter_writes_the_record(tmp_path, tiny_run, tiny_mode
 
 
 def test_base_model_eval_and_resume_after_an_interruption(tmp_path, tiny_model_dir, toy_root, monkeypatch):
-    import melora.instructeval
+    import melora.experiments.instructeval
 
     full = evaluate_tiny(tmp_path / "base", tiny_model_dir, toy_root, "eval.tasks=[mmlu,drop]")
     assert full["adapter"] is None and full["config"]["eval_name"] == "base" and set(full["scores"]) == {"mmlu", "drop"}
@@ -157,13 +157,13 @@ def test_base_model_eval_and_resume_after_an_interruption(tmp_path, tiny_model_d
     del record["results"]["drop"]
     (tmp_path / "base" / "eval_record.json").write_text(json.dumps(record))
     calls = []
-    real = melora.instructeval.evaluate_all
+    real = melora.experiments.instructeval.evaluate_all
 
     def counting(*args, **kwargs):
         calls.append(list(kwargs["tasks"]))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(melora.instructeval, "evaluate_all", counting)
+    monkeypatch.setattr(melora.experiments.instructeval, "evaluate_all", counting)
     resumed = evaluate_tiny(tmp_path / "base", tiny_model_dir, toy_root, "eval.tasks=[mmlu,drop]")
     assert calls == [["drop"]] and resumed["status"] == "completed" and resumed["scores"] == full["scores"]
 
@@ -174,7 +174,7 @@ def test_adapter_of_another_model_is_refused(tmp_path, tiny_run, tiny_model_dir,
 
 
 def test_eval_cli_on_a_run_folder(tmp_path, tiny_run, tiny_model_dir, toy_root):
-    cmd = [sys.executable, "-m", "melora.instructeval", *tiny_eval_overrides(tiny_model_dir, toy_root), f"adapter_dir={tiny_run}",
+    cmd = [sys.executable, "-m", "melora.experiments.instructeval", *tiny_eval_overrides(tiny_model_dir, toy_root), f"adapter_dir={tiny_run}",
            "eval.tasks=[mmlu,humaneval]", f"runs_root={tmp_path}"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -188,7 +188,7 @@ def test_eval_cli_on_a_run_folder(tmp_path, tiny_run, tiny_model_dir, toy_root):
 
 
 def test_smollm2_smoke_train_then_eval(tmp_path):
-    """``python -m melora.instruct`` then ``python -m melora.instructeval`` on SmolLM2-135M and the real files.
+    """``python -m melora.experiments.instruct`` then ``python -m melora.experiments.instructeval`` on SmolLM2-135M and the real files.
 
     The first use dequantises the GGUF file (~16 s on an idle machine) into
     ``$MELORA_CACHE`` (default ``~/.cache/melora``), shared by later runs.
@@ -200,7 +200,7 @@ def test_smollm2_smoke_train_then_eval(tmp_path):
     # On a shared, busy CPU two OpenMP threads wait on each other at every small op: greedy
     # decoding measured 17x slower with 2 threads than with 1 under load, training 2x.
     env.setdefault("OMP_NUM_THREADS", "1")
-    train = [sys.executable, "-m", "melora.instruct", "profile=smoke", "method=melora", "method.n=8", "method.r=1", f"runs_root={tmp_path}"]
+    train = [sys.executable, "-m", "melora.experiments.instruct", "profile=smoke", "method=melora", "method.n=8", "method.r=1", f"runs_root={tmp_path}"]
     proc = subprocess.run(train, cwd=ROOT, capture_output=True, text=True, timeout=900, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     run_dir = tmp_path / "smoke" / "instruct-alpaca" / "smollm2-135m" / "melora_n8_r1" / "seed0"
@@ -211,7 +211,7 @@ def test_smollm2_smoke_train_then_eval(tmp_path):
     assert len(record["history"]) == record["global_step"] >= 2 and record["best_metric"] > 0
     assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
 
-    evaluate = [sys.executable, "-m", "melora.instructeval", "profile=smoke", f"adapter_dir={run_dir}", f"runs_root={tmp_path}"]
+    evaluate = [sys.executable, "-m", "melora.experiments.instructeval", "profile=smoke", f"adapter_dir={run_dir}", f"runs_root={tmp_path}"]
     proc = subprocess.run(evaluate, cwd=ROOT, capture_output=True, text=True, timeout=900, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     folder = tmp_path / "smoke" / "instructeval" / "smollm2-135m" / "melora_n8_r1-seed0"

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from melora.report.bracket import bracket, ladder_step
+from melora.experiments.report.bracket import bracket, ladder_step
 
 
 def test_ladder_steps_by_about_three():
@@ -64,7 +64,7 @@ def test_means_use_the_seeds_every_lr_has_and_incomplete_grids_wait():
 def fake_record(tmp_path, lr, seed, val, test, diverged=False):
     from omegaconf import OmegaConf
 
-    from melora import sweep
+    from melora.experiments import sweep
 
     run = sweep.RunSpec("glue", ["profile=smoke", "model=minilm", "selection=dev_halves", "task=glue/mrpc", "method=lora",
                                  "method.r=8", f"task.lr={lr}", f"seed={seed}", f"runs_root={tmp_path}"])
@@ -80,7 +80,7 @@ def fake_record(tmp_path, lr, seed, val, test, diverged=False):
 
 
 def lora_runs(tmp_path, seeds=1):
-    from melora import sweep
+    from melora.experiments import sweep
 
     runs = sweep.expand_specs(["verdicts"], "smoke", [f"runs_root={tmp_path}"], seeds=seeds)
     return [r for r in runs if "method=lora" in r.overrides]

@@ -2,8 +2,8 @@
 
 import pytest
 
-from melora.report import include
-from melora.report.headline import headline, pivot, settled
+from melora.experiments.report import include
+from melora.experiments.report.headline import headline, pivot, settled
 
 TABLE = """# Title
 

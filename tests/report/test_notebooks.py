@@ -81,9 +81,9 @@ def test_sweeps_notebook(smoke_runs, monkeypatch):
 
 
 def test_results_from_smoke_runs(smoke_runs, tmp_path):
-    from melora.report import make_results
-    from melora.report.figures import figure3, save_figure
-    from melora.report.records import load_records
+    from melora.experiments.report import make_results
+    from melora.experiments.report.figures import figure3, save_figure
+    from melora.experiments.report.records import load_records
 
     written = make_results(smoke_runs, tmp_path, only=["table2", "table3", "table4", "figure4"], log=lambda message: None)
     assert sorted(written) == ["figure4", "table2", "table4"]  # no instruct runs: Table 3 skipped
@@ -100,9 +100,9 @@ def test_exported_runs_hold_spectra_not_weights(smoke_runs, tmp_path, monkeypatc
     """``results/runs/<profile>``: records and ΔW spectra, no weights; Figure 3 and the notebook read it."""
     import torch
 
-    from melora.report.export import export_runs
-    from melora.report.records import load_records
-    from melora.report.spectra import run_spectra
+    from melora.experiments.report.export import export_runs
+    from melora.experiments.report.records import load_records
+    from melora.experiments.report.spectra import run_spectra
 
     out = tmp_path / "exported"
     assert export_runs(smoke_runs, out, log=lambda message: None) == 2

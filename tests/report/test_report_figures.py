@@ -8,10 +8,10 @@ from conftest import randomize_adapters, tiny_bert
 from test_report_tables import fake_record, glue_runs
 
 import melora
-from melora.report import make_results
-from melora.report.figures import figure3, figure4, figure5, save_figure
-from melora.report.records import load_records
-from melora.report.spectra import run_spectra
+from melora.experiments.report import make_results
+from melora.experiments.report.figures import figure3, figure4, figure5, save_figure
+from melora.experiments.report.records import load_records
+from melora.experiments.report.spectra import run_spectra
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -174,7 +174,7 @@ def test_heldout_figures_plot_dev_at_the_lr_validation_chose():
 
     from scipy import stats
 
-    from melora.report.figures import heldout_sweep_rows
+    from melora.experiments.report.figures import heldout_sweep_rows
 
     header, body = heldout_sweep_rows(records, "n", (2, 4))
     assert header[:4] == ["task", "line", "n", "lr"] and [row[:5] for row in body] == [

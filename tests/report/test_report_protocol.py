@@ -3,7 +3,7 @@
 import pytest
 from scipy import stats
 
-from melora.report.protocol import build, row_of, to_csv, to_markdown
+from melora.experiments.report.protocol import build, row_of, to_csv, to_markdown
 
 
 def record(task, method, lr, seed, val, dev, n=1, r=8, status="completed"):
@@ -50,8 +50,8 @@ def test_dev_selected_and_failed_runs_are_kept_apart():
 
 
 def test_forest_plot_draws_one_line_per_paired_cell(tmp_path):
-    from melora.report.figures import save_figure
-    from melora.report.protocol import forest_plot
+    from melora.experiments.report.figures import save_figure
+    from melora.experiments.report.protocol import forest_plot
 
     records = [record("sst2", m, 1e-3, s, 0.8, 0.8 + d + s / 100, n=n, r=r)
                for s in range(3) for m, n, r, d in (("lora", 1, 8, 0.0), ("melora", 8, 1, -0.02), ("melora", 2, 8, 0.0))]
@@ -70,7 +70,7 @@ def test_seeds_added_at_the_chosen_lr_do_not_move_the_choice():
 
 
 def test_table4_pairs_each_melora_row_with_lora_at_its_equivalent_rank():
-    from melora.report.protocol import TABLE4
+    from melora.experiments.report.protocol import TABLE4
 
     records = []
     for seed in range(3):
@@ -97,8 +97,8 @@ def test_table4_pairs_each_melora_row_with_lora_at_its_equivalent_rank():
 
 def test_scaling_study_pairs_conventions_at_each_n_and_each_n_with_n2(tmp_path):
     """Each (n, convention) is its own row with its own validation-chosen lr; Δ against scipy's paired t interval."""
-    from melora.report.figures import save_figure
-    from melora.report.protocol import SCALING, SCALING_BY_N, note, scaling_figure
+    from melora.experiments.report.figures import save_figure
+    from melora.experiments.report.protocol import SCALING, SCALING_BY_N, note, scaling_figure
 
     def scaled(task, lr, seed, val, dev, n, scaling):
         out = record(task, "melora", lr, seed, val, dev, n=n, r=1)
@@ -141,7 +141,7 @@ def test_scaling_study_pairs_conventions_at_each_n_and_each_n_with_n2(tmp_path):
 
 
 def test_heldout_tables_state_their_data_and_render_to_latex():
-    from melora.report.protocol import data_note, to_latex
+    from melora.experiments.report.protocol import data_note, to_latex
 
     records = [record("mrpc", "lora", 1e-3, s, 0.7, 0.7 + s / 100) | {"train_size": 2160, "eval_sizes": {"heldout": 240, "validation": 408},
                                                                       "config": {"task": {"lr": 1e-3, "epochs": 2}}} for s in (0, 1)]
@@ -163,7 +163,7 @@ def test_a_chosen_lr_at_the_edge_of_its_grid_is_flagged():
 
 
 def test_selection_signal_table_shows_what_each_metric_would_pick():
-    from melora.report.protocol import selection_signal_rows
+    from melora.experiments.report.protocol import selection_signal_rows
 
     records = [record("sst2", "lora", lr, 0, val, dev) for lr, val, dev in ((3e-4, 0.865, 0.767), (1e-3, 0.868, 0.786), (3e-3, 0.862, 0.797))]
     records.append(record("sst2", "lora", 1e-3, 1, 0.1, 0.1))  # another seed: not read

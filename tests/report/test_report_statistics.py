@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from melora.report.stats import Cell, paired_difference, t_interval
+from melora.experiments.report.stats import Cell, paired_difference, t_interval
 
 
 @pytest.mark.parametrize("n", [2, 3, 5, 8])

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from melora.report.paper import NOT_AVAILABLE, table2, table3, table4, table5
-from melora.report.records import load_records
-from melora.report.render import to_csv, to_latex, to_markdown, write_table
+from melora.experiments.report.paper import NOT_AVAILABLE, table2, table3, table4, table5
+from melora.experiments.report.records import load_records
+from melora.experiments.report.render import to_csv, to_latex, to_markdown, write_table
 
 METRICS = {"mrpc": "accuracy", "stsb": "pearson", "cola": "matthews_correlation", "sst2": "accuracy"}
 # (d_in + d_out) · r per adapted layer × 12 layers (MiniLM: 6 blocks × query, value; 384 → 384).
@@ -19,7 +19,7 @@ PARAMS_PER_RANK = 12 * 768
 
 def fake_record(root: Path, task: str, tag: str, seed: int, value: float | None, status: str = "completed",
                 profile: str = "unit", model: str = "minilm", kind: str = "glue", **extra) -> dict:
-    """A record.json as melora.glue writes it (only the fields the report reads are realistic)."""
+    """A record.json as melora.experiments.glue writes it (only the fields the report reads are realistic)."""
     m = re.fullmatch(r"(melora)_n(\d+)_r(\d+)|(lora|dylora|delta_lora|adalora)_r(\d+)", tag)
     method = m.group(1) or m.group(4)
     n, r = (int(m.group(2)), int(m.group(3))) if m.group(1) else (1, int(m.group(5)))
@@ -170,7 +170,7 @@ def test_latex_and_files(records, tmp_path):
 
 
 def instruct_runs(root: Path) -> list[dict]:
-    """Training records (dev loss) and INSTRUCTEVAL records laid out as melora.instruct / melora.instructeval write them."""
+    """Training records (dev loss) and INSTRUCTEVAL records laid out as melora.experiments.instruct / melora.experiments.instructeval write them."""
     scores = {"lora_r8": (1.20, 0.40, 0.30, 0.20, 0.10), "lora_r64": (1.10, 0.44, 0.32, 0.24, 0.12),
               "melora_n8_r1": (1.05, 0.46, 0.34, 0.26, 0.14), "melora_n16_r1": (1.00, 0.50, 0.50, 0.50, 0.50)}
 
@@ -243,7 +243,7 @@ def test_base_model_row_in_tables_3_and_5(tmp_path):
 
 
 def test_export_leaves_out_runs_in_progress(tmp_path):
-    from melora.report.export import export_runs
+    from melora.experiments.report.export import export_runs
 
     runs = tmp_path / "runs"
     fake_record(runs, "mrpc", "lora_r8", 0, 0.7)
@@ -255,7 +255,7 @@ def test_export_leaves_out_runs_in_progress(tmp_path):
 
 
 def test_export_keeps_evaluations_and_the_base_model(tmp_path):
-    from melora.report.export import export_runs
+    from melora.experiments.report.export import export_runs
 
     runs = tmp_path / "runs"
     instruct_runs(runs)

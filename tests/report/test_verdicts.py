@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from scipy import stats
 
-from melora.report import verdicts
-from melora.report.protocol import edge_text, grid_text, to_csv, to_markdown
-from melora.report.verdicts import BEST_OF_N, TABLE2_VERDICTS, TABLE4_VERDICTS, build, curves, dominance, long_rows
+from melora.experiments.report import verdicts
+from melora.experiments.report.protocol import edge_text, grid_text, to_csv, to_markdown
+from melora.experiments.report.verdicts import BEST_OF_N, TABLE2_VERDICTS, TABLE4_VERDICTS, build, curves, dominance, long_rows
 
 ROOT = Path(__file__).resolve().parents[2]
 LRS = (1e-3, 3e-3, 1e-2)
@@ -34,7 +34,7 @@ METRICS = {"sst2": "accuracy", "stsb": "pearson", "mrpc": "accuracy", "cola": "m
 
 
 def record(task, tag, lr, seed, val, test, epochs=2, diverged=False, model="minilm"):
-    """A dev-halves record.json as melora.glue writes it (the fields the report reads); ``diverged``: the loss became non-finite."""
+    """A dev-halves record.json as melora.experiments.glue writes it (the fields the report reads); ``diverged``: the loss became non-finite."""
     mc, metric = dict(SETTINGS[tag][0]), METRICS[task]
     out = {"name": f"{task}/{tag}/lr{lr:g}/ep{epochs}/seed{seed}", "kind": "glue", "profile": "mini", "task": task, "metric": metric,
            "model": model, "seed": seed, "method_config": mc, "config": {"task": {"lr": lr, "epochs": epochs}, "model": {"name": model}},
@@ -155,7 +155,7 @@ def test_the_best_of_n_row_is_the_per_n_row_of_its_n():
 
 
 def test_lr_figure_marks_the_chosen_lr_on_a_log_axis(tmp_path):
-    from melora.report.figures import save_figure
+    from melora.experiments.report.figures import save_figure
 
     records = grid(tasks=("sst2",))
     records += [record("sst2", "melora_n8_r1", 3e-2, s, None, None, diverged=True) for s in range(3)]
@@ -235,7 +235,7 @@ def write_runs(root: Path, records: list[dict], prefix: str = "run") -> Path:
 
 
 def test_make_results_writes_the_dev_halves_report_and_skips_the_long_table(tmp_path):
-    from melora.report import make_results
+    from melora.experiments.report import make_results
 
     runs = write_runs(tmp_path / "runs", grid(seeds=range(2)) + [record("sst2", "lora_r8", 3e-2, 0, None, None, diverged=True)])
     messages = []
@@ -266,7 +266,7 @@ def test_make_results_writes_the_dev_halves_report_and_skips_the_long_table(tmp_
 
 
 def test_several_models_need_a_choice(tmp_path):
-    from melora.report import make_results
+    from melora.experiments.report import make_results
 
     runs = write_runs(tmp_path / "runs", grid(tasks=("sst2",), seeds=[0], tags=("lora_r8",))
                       + [record("sst2", "lora_r8", 1e-3, 0, 0.8, 0.8, model="mpnet")])
@@ -279,8 +279,8 @@ def test_several_models_need_a_choice(tmp_path):
 @pytest.mark.skipif(not (ROOT / "results" / "runs" / "mini" / "heldout").is_dir(), reason="no committed held-out records")
 def test_heldout_tables_are_unchanged(tmp_path):
     """The committed held-out tables are what the shared protocol code writes from the committed records, byte for byte."""
-    from melora.report.build import _heldout_table
-    from melora.report.records import load_records
+    from melora.experiments.report.build import _heldout_table
+    from melora.experiments.report.records import load_records
 
     written = _heldout_table(load_records(ROOT / "results" / "runs" / "mini"), tmp_path / "tables", None, lambda message: None)
     tables = [p for paths in written.values() for p in paths if p.suffix in (".md", ".csv", ".tex")]

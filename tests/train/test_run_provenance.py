@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from melora.runs import git_commit
+from melora.experiments.runs import git_commit
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -28,7 +28,7 @@ SMOKE = [*TASK, "method=lora"]
 ENV = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
 HOLDER = (
     "import sys, time\n"
-    "from melora.train.runlock import run_lock\n"
+    "from melora.experiments.train.runlock import run_lock\n"
     "with run_lock(sys.argv[1]) as held:\n"
     "    print('held' if held else 'busy', flush=True)\n"
     "    time.sleep(600)\n"
@@ -61,12 +61,12 @@ def kill(proc: subprocess.Popen) -> None:
 
 
 def run_cli(entry: str, *overrides, env=None, timeout=300):
-    cmd = [sys.executable, "-m", f"melora.{entry}", *overrides]
+    cmd = [sys.executable, "-m", f"melora.experiments.{entry}", *overrides]
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env or ENV)
 
 
 def train_in_process(run_dir, *overrides):
-    from melora.glue import train_glue
+    from melora.experiments.glue import train_glue
 
     with initialize_config_dir(config_dir=CONFIGS, version_base="1.3"):
         cfg = compose("config", overrides=["profile=smoke", f"run_dir={run_dir}", *overrides])
@@ -86,7 +86,7 @@ def truncate(path: Path) -> None:
 
 
 def test_a_held_lock_is_seen_by_other_processes_and_freed_when_its_holder_is_killed(tmp_path, processes):
-    from melora.train.runlock import LOCK_FILE, run_lock
+    from melora.experiments.train.runlock import LOCK_FILE, run_lock
 
     run_dir = tmp_path / "run"
     holder = hold_lock(run_dir, processes)
@@ -119,7 +119,7 @@ def test_a_locked_run_is_skipped_by_the_cli_without_training(tmp_path, processes
 def test_two_training_processes_on_one_run_one_trains_the_other_skips(tmp_path, processes):
     data_dir()
     run_dir = tmp_path / "run"
-    cmd = [sys.executable, "-m", "melora.glue", f"hydra.run.dir={run_dir}", "profile=smoke", *SMOKE]
+    cmd = [sys.executable, "-m", "melora.experiments.glue", f"hydra.run.dir={run_dir}", "profile=smoke", *SMOKE]
     first = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV, start_new_session=True)
     processes.append(first)
     deadline = time.time() + 120
@@ -222,7 +222,7 @@ def test_a_damaged_adapter_is_moved_aside_and_restored(finished_run, tmp_path, c
 def test_a_lost_best_adapter_is_rewritten_from_a_checkpoint_of_the_best_step(tmp_path, caplog):
     import melora
     from melora.adapters.io import adapter_state_dict
-    from melora.train.checkpoint import apply_resume, inspect_resume, save_checkpoint
+    from melora.experiments.train.checkpoint import apply_resume, inspect_resume, save_checkpoint
 
     def fresh():
         model = melora.inject(tiny_bert(num_labels=2), melora.LoRAConfig(r=2, target_modules=["query", "value"], modules_to_save=["classifier"]), seed=0)
@@ -263,8 +263,8 @@ def test_a_lost_best_adapter_is_rewritten_from_a_checkpoint_of_the_best_step(tmp
 
 
 def test_report_code_skips_a_damaged_record_with_a_warning(tmp_path, caplog):
-    from melora.report.records import load_records
-    from melora.runs import iter_records, read_record
+    from melora.experiments.report.records import load_records
+    from melora.experiments.runs import iter_records, read_record
 
     for name in ("good", "bad"):
         (tmp_path / name).mkdir()
@@ -281,8 +281,8 @@ def test_report_code_skips_a_damaged_record_with_a_warning(tmp_path, caplog):
 
 
 def test_a_damaged_evaluation_record_is_moved_aside(tmp_path, caplog):
-    from melora.instructeval.run import read_eval_record
-    from melora.runs import EVAL_RECORD
+    from melora.experiments.instructeval.run import read_eval_record
+    from melora.experiments.runs import EVAL_RECORD
 
     (tmp_path / EVAL_RECORD).write_text('{"status": "running", "results": {')
     assert read_eval_record(tmp_path) is None
@@ -343,7 +343,7 @@ def test_an_unreachable_hub_model_says_how_to_run_offline(tmp_path):
 
 
 def test_a_damaged_evaluation_record_is_left_out_not_fatal(tmp_path, caplog):
-    from melora.report.records import load_records
+    from melora.experiments.report.records import load_records
 
     run = tmp_path / "unit" / "instruct-alpaca" / "m" / "lora_r8" / "seed0"
     run.mkdir(parents=True)

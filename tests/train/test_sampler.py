@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from melora.train.batching import EpochShuffle
+from melora.experiments.train.batching import EpochShuffle
 
 
 def lengths_of(size: int, seed: int = 0) -> list[int]:

@@ -10,8 +10,8 @@ from hydra import compose, initialize_config_dir
 
 import melora
 from melora.adapters.base import get_method
-from melora.runs import config_hash
-from melora.train.trainer import Trainer, TrainerConfig
+from melora.experiments.runs import config_hash
+from melora.experiments.train.trainer import Trainer, TrainerConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -22,7 +22,7 @@ def compose_config(overrides):
 
 
 def test_compile_false_keeps_the_config_hash():
-    from melora.experiment import resolved
+    from melora.experiments.scaffold import resolved
 
     config = resolved(compose_config(["task=glue/mrpc", "method=lora", "method.r=8", "model=minilm"]))
     assert config["trainer"]["compile"] is False
@@ -36,7 +36,7 @@ def test_compile_false_keeps_the_config_hash():
 
 def test_compile_false_keeps_the_identity_of_a_committed_run():
     """A record from before trainer.compile existed is the same run as a fresh compose of its config."""
-    from melora.experiment import resolved
+    from melora.experiments.scaffold import resolved
 
     record = json.loads((ROOT / "results/runs/mini/glue-mrpc/minilm/lora_r8/seed0/record.json").read_text())
     assert "compile" not in record["config"]["trainer"]

@@ -1,0 +1,89 @@
+"""The headline table: Table 2's paired verdicts against LoRA r=8, one row per method, one column per task.
+
+It is a view of a table the protocol code wrote (``tables/table2_verdicts.csv``,
+the dev-halves protocol; ``tables/table2_heldout.csv`` only where no dev-halves
+table exists), so it holds no number of its own. Its note says which protocol,
+and, while the dev-halves sweep is still running, that the cells are
+provisional and how many are settled.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+from melora.experiments.report.protocol import markdown_table
+
+REFERENCE = "LoRA r=8"
+DEV_HALVES = "table2_verdicts.csv"
+HELDOUT = "table2_heldout.csv"
+
+NOTE_DEV_HALVES = (
+    "Paired difference to LoRA r=8 on the GLUE dev set's test half (×100, same seeds, 95 % t interval) and the verdict; "
+    "every setting's epoch, learning rate (from a grid extended until the best is interior) and MELoRA's n are chosen on "
+    "the dev set's other half. MiniLM (the mini profile's stand-in for RoBERTa-base), {seeds}; MELoRA r=1 picks the best "
+    "of n ∈ {{2, 4, 8}} where LoRA gets no such choice (each n alone: `table2_verdicts.md`).{status}"
+)
+PROVISIONAL = (
+    " Provisional: the sweep is still running ({progress}); a cell with under three learning rates or with fewer "
+    "seeds than the others may still change."
+)
+NOTE_HELDOUT = (
+    "Paired difference to LoRA r=8 on the GLUE dev set (×100, same seeds, 95 % t interval) and the verdict, with each "
+    "setting's epoch, learning rate (grid 3e-4, 1e-3, 3e-3) and MELoRA's n chosen on a held-out tenth of the training "
+    "subset. MiniLM, {seeds}. This held-out split often cannot rank the learning rates "
+    "(`heldout_selection_signal.md`): the dev-halves protocol replaces it."
+)
+
+
+def read_rows(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def settled(rows: list[dict[str, str]]) -> tuple[bool, str]:
+    """Whether every cell of a dev-halves Table 2 has as many seeds as the most seeded one and a bracketed lr.
+
+    Returns ``(settled, progress)``: the second says how many cells are.
+    """
+    if not rows:
+        return False, "no cells yet"
+    most = max(int(r["seeds"]) for r in rows)
+    done = [r for r in rows if int(r["seeds"]) == most and "extended" not in r["lr at grid edge"] and r["lr"] not in ("", "—")]
+    return len(done) == len(rows) and most >= 3, f"{len(done)} of {len(rows)} cells with {most} seeds and a settled grid"
+
+
+def pivot(rows: list[dict[str, str]], delta: str = "Δ vs LoRA r=8 (paired)", interval: str = "Δ 95% CI") -> tuple[list[str], list[list[str]]]:
+    """``(header, body)``: a row per compared method, a column per task, cells ``Δ [CI] verdict``."""
+    tasks = list(dict.fromkeys(r["task"] for r in rows))
+    methods = list(dict.fromkeys(r["method"] for r in rows if r["method"] != REFERENCE))
+    cell = {(r["method"], r["task"]): r for r in rows}
+    body = []
+    for method in methods:
+        line = [method]
+        for task in tasks:
+            r = cell.get((method, task))
+            if r is None or r[delta] in ("", "—"):
+                line.append("—")
+                continue
+            chosen = f", {r['chosen']}" if r.get("chosen") not in (None, "", "-") else ""
+            seeds = f", {r['seeds']} seed{'s' if r['seeds'] != '1' else ''}"
+            line.append(f"{r[delta]} {r[interval]} {r['verdict']} (lr {r['lr']}{chosen}{seeds})")
+        body.append(line)
+    return ["vs LoRA r=8", *tasks], body
+
+
+def headline(tables: Path) -> str | None:
+    """The headline table's Markdown from the Table 2 files in ``tables``; ``None`` when neither exists."""
+    tables = Path(tables)
+    if (tables / DEV_HALVES).is_file():
+        rows = read_rows(tables / DEV_HALVES)
+        done, progress = settled(rows)
+        seeds = f"up to {max(int(r['seeds']) for r in rows)} seeds per cell"
+        status = "" if done else PROVISIONAL.format(progress=progress)
+        return markdown_table(*pivot(rows), NOTE_DEV_HALVES.format(seeds=seeds, status=status))
+    if (tables / HELDOUT).is_file():
+        rows = read_rows(tables / HELDOUT)
+        seeds = f"up to {max(int(r['seeds']) for r in rows)} seeds per cell"
+        return markdown_table(*pivot(rows), NOTE_HELDOUT.format(seeds=seeds))
+    return None

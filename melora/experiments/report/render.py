@@ -1,0 +1,145 @@
+"""Writing a ``Table`` as Markdown, CSV (numbers in the printed units) and LaTeX."""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+
+from melora.experiments.report.stats import Cell
+from melora.experiments.report.tables import Column, Row, Table
+
+
+def fmt_params(params: list[int]) -> str:
+    def one(p: int) -> str:
+        if p >= 1_000_000:
+            return f"{p / 1e6:.2f}M"
+        if p >= 1_000:
+            return f"{p / 1e3:.1f}K"
+        return str(p)
+
+    if not params:
+        return "—"
+    return one(params[0]) if len(params) == 1 else f"{one(params[0])}–{one(params[-1])}"
+
+
+def fmt_cell(cell: Cell, column: Column, row: Row, expected: int) -> str:
+    if not cell.n:
+        return "—"
+    d = column.digits
+    text = f"{cell.mean * column.scale:.{d}f}"
+    if cell.std is not None:
+        text += f" ± {cell.std * column.scale:.{d}f}"
+    if cell.pick is not None:
+        text += f" ({row.spec.pick_names.get(cell.pick, cell.pick)})"
+    if cell.n < expected:
+        text += f" [{cell.n}/{expected}]"
+    return text
+
+
+def _average_column(table: Table) -> Column | None:
+    return next((c for c in table.columns if c.in_average), None)
+
+
+def fmt_average(table: Table, row: Row) -> str:
+    col = _average_column(table)
+    if row.average is None or col is None:
+        return "—"
+    return f"{row.average * col.scale:.{col.digits}f}"
+
+
+def row_label(row: Row) -> str:
+    if row.pick is not None:
+        return f"{row.label}: {row.spec.pick_names.get(row.pick, row.pick)}"
+    return row.label
+
+
+def text_grid(table: Table) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of display strings (shared by Markdown and LaTeX)."""
+    header = (["R"] if table.has_groups else []) + ["Method", "Params"] + [c.label for c in table.columns] + ["Avg", "Paper"]
+    rows = []
+    for row in table.rows:
+        cells = [fmt_cell(row.cells[c.key], c, row, table.expected_seeds) for c in table.columns]
+        line = [row_label(row), fmt_params(row.params), *cells, fmt_average(table, row), table.paper[row.label]]
+        rows.append(([row.spec.group] if table.has_groups else []) + line)
+    return header, rows
+
+
+def to_markdown(table: Table) -> str:
+    header, rows = text_grid(table)
+    lines = [f"## {table.title}", "", "| " + " | ".join(header) + " |",
+             "|" + "|".join(":--" if h in ("R", "Method", "Paper") else "--:" for h in header) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    lines += ["", f"*{table.caption}*", ""]
+    lines += [f"- {note}" for note in table.notes]
+    lines.append("- Paper: the published value where `melora/experiments/report/paper.py` (PAPER_NUMBERS) holds it; otherwise "
+                 "n/a (not available offline; see MELORA.md).")
+    lines += ["", "**Runs not averaged (failed, incomplete or without a value):**" if table.excluded else "All matching runs completed; none left out.", ""]
+    lines += [f"- {e}" for e in table.excluded]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def to_csv(table: Table) -> str:
+    """One line per row; each column as mean, std and seed count in the printed units (×scale)."""
+    picks = any(r.spec.pick == "per_column" for r in table.rows)
+    header = (["R"] if table.has_groups else []) + ["method", "pick", "params"]
+    for c in table.columns:
+        header += [c.label, f"{c.label} std", f"{c.label} seeds"] + ([f"{c.label} pick"] if picks else [])
+    header += ["avg", "paper"]
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(header)
+    for row in table.rows:
+        line = ([row.spec.group] if table.has_groups else []) + [row.label, row.pick or "", "/".join(map(str, row.params))]
+        for c in table.columns:
+            cell = row.cells[c.key]
+            line += ["" if cell.mean is None else round(cell.mean * c.scale, 4),
+                     "" if cell.std is None else round(cell.std * c.scale, 4), cell.n]
+            if picks:
+                line.append(cell.pick or "")
+        avg_col = _average_column(table)
+        line += ["" if row.average is None or avg_col is None else round(row.average * avg_col.scale, 4), table.paper[row.label]]
+        writer.writerow(line)
+    return out.getvalue()
+
+
+_LATEX = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{", "}": r"\}",
+          "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "±": r"$\pm$", "×": r"$\times$", "·": r"$\cdot$",
+          "—": "--", "–": "--", "→": r"$\to$", "≥": r"$\geq$", "≤": r"$\leq$", "Δ": r"$\Delta$", "−": "$-$", "α": r"$\alpha$"}
+
+
+def latex_escape(text: str) -> str:
+    return "".join(_LATEX.get(ch, ch) for ch in str(text))
+
+
+def to_latex(table: Table) -> str:
+    header, rows = text_grid(table)
+    align = "".join("l" if h in ("R", "Method", "Paper") else "r" for h in header)
+    lines = [f"% {table.name}: generated by scripts/make_results.py from run records; do not edit.",
+             r"\begin{table*}[t]", r"\centering", r"\small", rf"\begin{{tabular}}{{{align}}}", r"\toprule",
+             " & ".join(latex_escape(h) for h in header) + r" \\", r"\midrule"]
+    group = None
+    for r in rows:
+        if table.has_groups and group is not None and r[0] != group:
+            lines.append(r"\midrule")
+        group = r[0] if table.has_groups else None
+        lines.append(" & ".join(latex_escape(c) for c in r) + r" \\")
+    lines += [r"\bottomrule", r"\end{tabular}"]
+    notes = " ".join(table.notes)
+    left_out = f" {len(table.excluded)} runs not averaged (failed or incomplete), listed in {table.name}.md." if table.excluded else ""
+    lines += [rf"\caption{{{latex_escape(table.title)}. {latex_escape(table.caption)} {latex_escape(notes)}{latex_escape(left_out)}}}",
+              rf"\label{{tab:{table.name}}}", r"\end{table*}"]
+    lines += [f"% not averaged: {e}" for e in table.excluded]
+    return "\n".join(lines) + "\n"
+
+
+def write_table(table: Table, folder: str | Path) -> list[Path]:
+    """``<folder>/<name>.md``, ``.csv`` and ``.tex``."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for suffix, text in (("md", to_markdown(table)), ("csv", to_csv(table)), ("tex", to_latex(table))):
+        path = folder / f"{table.name}.{suffix}"
+        path.write_text(text)
+        paths.append(path)
+    return paths
