@@ -12,7 +12,7 @@ round:
   built by ``scripts/bench_layer.py``'s builders: ``base`` (the frozen
   ``nn.Linear``), ``melora`` (``MELoRALinear``, formulation chosen by its cost
   rule: the ``path`` column), ``melora_<path>`` for each of
-  ``melora.adapters.melora.PATHS`` (each formulation forced: what calibrates the rule),
+  ``melora.adapters.melora.FORMULATIONS`` (each formulation forced: what calibrates the rule),
   ``peft_lora_nr`` / ``peft_lora_r`` (PEFT LoRA at rank ``n·r`` / ``r``) and
   ``mini_loop`` (the official Python loop over ``n`` mini LoRAs);
 * a training step (forward, loss, backward, AdamW step, zero_grad) of a
@@ -88,24 +88,24 @@ def layer_configs(grid: dict[str, list[int]]) -> list[tuple[int, int, int, int]]
 
 def group_modules(ns: list[int], rs: list[int]) -> list[tuple]:
     """The keys of the distinct modules one ``(d, T)`` group measures; PEFT once per rank."""
-    from melora.adapters.melora import PATHS
+    from melora.adapters.melora import FORMULATIONS
 
     keys: list[tuple] = [("base",)]
     keys += [("peft", rank) for rank in sorted(set(rs) | {n * r for n in ns for r in rs})]
     for n in ns:
         for r in rs:
-            keys += [("melora", n, r, "auto"), *[("melora", n, r, path) for path in PATHS], ("mini_loop", n, r)]
+            keys += [("melora", n, r, "auto"), *[("melora", n, r, path) for path in FORMULATIONS], ("mini_loop", n, r)]
     return keys
 
 
 def variant_keys(n: int, r: int) -> dict[str, tuple]:
     """The module key answering each variant of layer config ``(n, r)``."""
-    from melora.adapters.melora import PATHS
+    from melora.adapters.melora import FORMULATIONS
 
     return {
         "base": ("base",),
         "melora": ("melora", n, r, "auto"),
-        **{f"melora_{path}": ("melora", n, r, path) for path in PATHS},
+        **{f"melora_{path}": ("melora", n, r, path) for path in FORMULATIONS},
         "peft_lora_nr": ("peft", n * r),
         "peft_lora_r": ("peft", r),
         "mini_loop": ("mini_loop", n, r),
@@ -183,7 +183,7 @@ def build_group(base, ns: list[int], rs: list[int]) -> dict[tuple, torch.nn.Modu
         elif key[0] == "melora":
             _, n, r, path = key
             modules[key] = layer = MELoRALinear(base, n=n, r=r, alpha=ALPHA)
-            layer.path = path
+            layer.formulation = path
         else:
             _, n, r = key
             modules[key] = MiniLoRALoop(base, n, r, ALPHA / r)
@@ -205,7 +205,7 @@ def measure_layer_group(
     grad_out = torch.randn(shape, device=device, dtype=dtype)
     modules = build_group(base, ns, rs)
     jobs = {key: make_job(key, module, x, grad_out, "fwdbwd") for key, module in modules.items()}
-    paths = {key: module.path_for(x) for key, module in modules.items() if key[0] == "melora"}
+    paths = {key: module.formulation_for(x) for key, module in modules.items() if key[0] == "melora"}
     samples = round_robin({key: (job.call, job.reset) for key, job in jobs.items()}, warmup, reps, Timer(device))
     base_ms = statistics.median(samples[("base",)])
     rows = []
@@ -272,7 +272,7 @@ def melora_paths(model, batch: dict) -> str:
 
     seen: set[str] = set()
     hooks = [
-        layer.register_forward_pre_hook(lambda module, args: seen.add(module.path_for(args[0])))
+        layer.register_forward_pre_hook(lambda module, args: seen.add(module.formulation_for(args[0])))
         for layer in melora.adapter_layers(model).values()
     ]
     try:
@@ -361,15 +361,15 @@ def evaluate_targets(rows: list[dict]) -> list[dict]:
 
 
 def fastest_path(cells: dict[str, float]) -> str:
-    from melora.adapters.melora import PATHS
+    from melora.adapters.melora import FORMULATIONS
 
-    return min(PATHS, key=lambda path: cells[f"melora_{path}"])
+    return min(FORMULATIONS, key=lambda path: cells[f"melora_{path}"])
 
 
 def layer_columns() -> list[str]:
-    from melora.adapters.melora import PATHS
+    from melora.adapters.melora import FORMULATIONS
 
-    return ["melora", *[f"melora_{path}" for path in PATHS], "peft_lora_nr", "peft_lora_r", "mini_loop"]
+    return ["melora", *[f"melora_{path}" for path in FORMULATIONS], "peft_lora_nr", "peft_lora_r", "mini_loop"]
 
 
 def render_markdown(rows: list[dict], targets: list[dict], meta: dict) -> str:

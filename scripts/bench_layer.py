@@ -15,8 +15,8 @@ Variants, all sharing one frozen base layer per ``(d, T)``:
 * ``melora``: MELoRA's PEFT tuner layer (``peft.get_peft_model`` with a
   ``melora.MELoRAConfig``, made exactly as PEFT LoRA's below), its formulation picked by
   the cost rule (the ``path`` column);
-* ``melora_<path>`` for each of ``melora.adapters.formulations.PATHS`` (with ``--paths``):
-  the same layer with ``layer.path`` forced, the measurements that calibrate
+* ``melora_<path>`` for each of ``melora.adapters.formulations.FORMULATIONS`` (with ``--paths``):
+  the same layer with ``layer.formulation`` forced, the measurements that calibrate
   the rule's constants (``melora/adapters/formulations.py``);
 * ``peft_lora_nr`` / ``peft_lora_r``: PEFT's ``lora.Linear`` (built with
   ``peft.get_peft_model``) at the equivalent rank ``n·r`` / at rank ``r``
@@ -100,8 +100,8 @@ import torch.nn.functional as F
 
 import melora
 from melora import MELoRAConfig, MELoRALinear
+from melora.adapters.formulations import FORMULATIONS
 from melora.adapters.melora import Linear as MELoRATunerLinear
-from melora.adapters.formulations import PATHS
 
 FULL_GRID = {"d": [768, 4096], "n": [1, 2, 4, 8, 16, 64], "r": [1, 2, 8], "tokens": [512, 4096]}  # the targets' grid
 QUICK_GRID = {"d": [768], "n": [1, 4, 16, 64], "r": [1, 8], "tokens": [512]}
@@ -115,7 +115,7 @@ NOISY_BUDGET_FACTOR = 3.0
 MIN_REPS = {"base": 5, "block_diag": 1}  # block_diag is a reference, never a target
 DEFAULT_MIN_REPS = 3
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-MELORA_PATH_VARIANTS = [f"melora_{path}" for path in PATHS]  # with --paths
+MELORA_PATH_VARIANTS = [f"melora_{path}" for path in FORMULATIONS]  # with --paths
 VARIANT_ORDER = [
     "base",
     "melora",
@@ -346,9 +346,9 @@ def build_modules(base: nn.Linear, ns: list[int], rs: list[int], mode: str, path
             for rank in dict.fromkeys((n * r, r)):  # n = 1: one module answers both
                 modules[("peft", rank, n, r)] = peft_lora(base, rank)
             modules[("melora", n, r)] = peft_melora(base, n, r)
-            for path in PATHS if paths else ():
+            for path in FORMULATIONS if paths else ():
                 modules[("melora_path", path, n, r)] = forced = peft_melora(base, n, r)
-                forced.path = path
+                forced.formulation = path
             modules[("mini_loop", n, r)] = MiniLoRALoop(base, n, r, scaling)
             modules[("block_diag", n, r)] = BlockDiagLoRA(base, n, r, scaling)
     for key, module in modules.items():
@@ -374,7 +374,7 @@ def measure_group(device: torch.device, dtype: torch.dtype, d: int, T: int, mode
     with torch.set_grad_enabled(mode == "fwdbwd"):
         for key, job in jobs.items():
             if isinstance(modules[key], MELoRATunerLinear):
-                job.path = modules[key].path_for(x)
+                job.path = modules[key].formulation_for(x)
     order = lockstep_order(args.n, args.r, mode, args.paths) if args.lockstep else list(jobs)
     run_round_robin([jobs[key] for key in order], args.budget, args.max_reps, synchroniser(device), args.lockstep)
     del modules, x, grad_out, base
@@ -387,7 +387,7 @@ def variant_jobs(n: int, r: int, mode: str, paths: bool = False) -> dict[str, tu
     keys = {
         "base": ("base",),
         "melora": ("melora", n, r),
-        **{f"melora_{path}": ("melora_path", path, n, r) for path in (PATHS if paths else ())},
+        **{f"melora_{path}": ("melora_path", path, n, r) for path in (FORMULATIONS if paths else ())},
         "peft_lora_nr": ("peft", n * r, n, r),
         "peft_lora_r": ("peft", r, n, r),
         "mini_loop": ("mini_loop", n, r),
@@ -733,7 +733,7 @@ def render_markdown(rows: list[dict], targets: list[dict], args, wall_s: float, 
             out.write(f"  - *{t['paired']}*\n")
     out.write(
         "\n## Timings\n\nCells: ms (ratio to the frozen base layer in the same run); path: the formulation MELoRALinear chose "
-        "(melora.adapters.melora.choose_path).\n"
+        "(melora.adapters.melora.choose_formulation).\n"
     )
     groups: dict[tuple, list[dict]] = {}
     for row in rows:

@@ -7,7 +7,7 @@ computes the same thing faster. :func:`forward` is the one call a layer makes::
 
 The mini LoRAs are stored packed, ``lora_A: (n, r, d_in/n)`` and
 ``lora_B: (n, d_out/n, r)``. The adapter product has exact formulations
-(``PATHS``) that differ only in speed, picked per call by :func:`choose_path`:
+(``FORMULATIONS``) that differ only in speed, picked per call by :func:`choose_formulation`:
 
 - ``"bmm"``: two batched products over a strided ``(n, T, ·)`` view of the
   input, the second one added in place into the frozen output:
@@ -40,11 +40,11 @@ import torch.nn.functional as F
 
 from melora.adapters.base import Conv1D
 
-PATHS = ("bmm", "dense", "fused", "fused_dense", "fused_blocks", "fused_groups")
+FORMULATIONS = ("bmm", "dense", "fused", "fused_dense", "fused_blocks", "fused_groups")
 # The paths that run the frozen layer and the adapter in one _FusedMELoRA.
 FUSED_PATHS = ("fused", "fused_dense", "fused_blocks", "fused_groups")
 
-# The cost rule of choose_path.
+# The cost rule of choose_formulation.
 #
 # CPU, fp32 (and fp16, unmeasured): calibrated by `scripts/bench_layer.py --paths` (results/bench/layer.md
 # at 2 threads and layer-1thread.md at 1 thread: 2-core AMD EPYC, fp32, d = 768 and 4096, n in {1..64},
@@ -87,10 +87,10 @@ DEFAULT_MACHINE_BALANCE = 8.0  # UNCALIBRATED
 DENSE_MIN_TOKENS_PER_RANK = 4  # UNCALIBRATED
 
 
-def choose_path(
+def choose_formulation(
     d_in: int, d_out: int, n: int, r: int, tokens: int, dtype: torch.dtype, device: torch.device | str, needs_grad: bool = True
 ) -> str:
-    """The formulation of the MELoRA product for one call: one of ``PATHS``.
+    """The formulation of the MELoRA product for one call: one of ``FORMULATIONS``.
 
     The rule (deterministic; the constants above say where each part comes from):
 
@@ -113,7 +113,7 @@ def choose_path(
     a fused path to its unfused form (``"bmm"``; ``"dense"`` for
     ``"fused_dense"`` and at ``n = 1``) when its frozen layer
     is not a plain frozen ``nn.Linear`` / ``Conv1D`` without hooks
-    (:meth:`MELoRALinear.path_for`).
+    (:meth:`MELoRALinear.formulation_for`).
     """
     device_type = torch.device(device).type
     if device_type in CALIBRATED_DEVICES and dtype in CPU_BF16_DTYPES:
@@ -346,8 +346,8 @@ def is_fusable(base_layer: nn.Module) -> bool:
     return not (base_layer._forward_hooks or base_layer._forward_pre_hooks)
 
 
-def resolve_path(requested: str, x: torch.Tensor, base_layer: nn.Module, lora_A: torch.Tensor, lora_B: torch.Tensor) -> str:
-    """The formulation of one call: ``requested`` (one of ``PATHS``), or :func:`choose_path`'s for ``"auto"``.
+def resolve_formulation(requested: str, x: torch.Tensor, base_layer: nn.Module, lora_A: torch.Tensor, lora_B: torch.Tensor) -> str:
+    """The formulation of one call: ``requested`` (one of ``FORMULATIONS``), or :func:`choose_formulation`'s for ``"auto"``.
 
     With ``"auto"`` a fused path falls back to its unfused form (``"bmm"``; ``"dense"``
     for ``"fused_dense"`` and at ``n = 1``) when ``base_layer`` is not fusable.
@@ -358,16 +358,16 @@ def resolve_path(requested: str, x: torch.Tensor, base_layer: nn.Module, lora_A:
     n, r, d_in, d_out = lora_A.shape[0], lora_A.shape[1], lora_A.shape[0] * lora_A.shape[2], lora_B.shape[0] * lora_B.shape[1]
     if requested == "auto":
         needs_grad = torch.is_grad_enabled() and (x.requires_grad or lora_A.requires_grad or lora_B.requires_grad)
-        path = choose_path(d_in, d_out, n, r, x.numel() // d_in, adapter_dtype(x, lora_A), x.device, needs_grad)
+        path = choose_formulation(d_in, d_out, n, r, x.numel() // d_in, adapter_dtype(x, lora_A), x.device, needs_grad)
         if path in FUSED_PATHS and not is_fusable(base_layer):
             return "dense" if n == 1 or path == "fused_dense" else "bmm"
         return path
-    if requested not in PATHS:
-        raise ValueError(f"path={requested!r} is unknown; set layer.path to 'auto' or one of {PATHS}")
+    if requested not in FORMULATIONS:
+        raise ValueError(f"formulation={requested!r} is unknown; set layer.formulation to 'auto' or one of {FORMULATIONS}")
     if requested in FUSED_PATHS and not is_fusable(base_layer):
         raise ValueError(
             f"path={requested!r} needs a frozen nn.Linear or Conv1D without hooks as base_layer, got "
-            f"{type(base_layer).__name__}; set layer.path to 'bmm' or 'dense'"
+            f"{type(base_layer).__name__}; set layer.formulation to 'bmm' or 'dense'"
         )
     return requested
 
@@ -423,9 +423,9 @@ def forward(x: torch.Tensor, base_layer: nn.Module, lora_A: torch.Tensor, lora_B
     """``base_layer(x) + s · blockdiag(B) · blockdiag(A) · dropout(x)`` by the fastest exact formulation.
 
     Shapes: ``x`` ``(..., d_in)``; ``lora_A`` ``(n, r, d_in/n)``; ``lora_B`` ``(n, d_out/n, r)``;
-    output ``(..., d_out)``. ``path``: ``"auto"`` (:func:`choose_path`) or one of ``PATHS``.
+    output ``(..., d_out)``. ``path``: ``"auto"`` (:func:`choose_formulation`) or one of ``FORMULATIONS``.
     """
-    path = resolve_path(path, x, base_layer, lora_A, lora_B)
+    path = resolve_formulation(path, x, base_layer, lora_A, lora_B)
     if path in FUSED_PATHS:
         return fused_forward(x, base_layer, lora_A, lora_B, scaling, dropout, path)
     return add_adapter_output(base_layer(x), dropout(x), lora_A, lora_B, scaling, path)

@@ -45,7 +45,7 @@ from melora.adapters.base import (
     check_positive_int,
     register,
 )
-from melora.adapters.formulations import PATHS, block_diagonal, choose_path, group_count  # noqa: F401 - the layer's public API
+from melora.adapters.formulations import FORMULATIONS, block_diagonal, choose_formulation, group_count  # noqa: F401 - the layer's public API
 
 SCALINGS = ("per_mini", "equivalent", "rslora")
 INITS = ("kaiming", "gaussian")
@@ -247,7 +247,7 @@ class MELoRALayer(BaseTunerLayer):
     PEFT's tuner layer (``BaseTunerLayer``: several named adapters, enable/disable,
     set/delete): ``melora_A[name]`` ``(n, r, d_in/n)``, ``melora_B[name]``
     ``(n, d_out/n, r)``, ``melora_n``/``melora_r``/``melora_scaling``/``melora_dropout[name]``.
-    ``path``: the formulation of a single active adapter (``"auto"`` or one of ``PATHS``).
+    ``formulation``: the formulation of a single active adapter (``"auto"`` or one of ``FORMULATIONS``).
     """
 
     adapter_layer_names = ("melora_A", "melora_B")
@@ -263,7 +263,7 @@ class MELoRALayer(BaseTunerLayer):
         self.melora_B = nn.ParameterDict({})
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
-        self.path = "auto"
+        self.formulation = "auto"
         self.kwargs = kwargs
         self.in_features, self.out_features = linear_dims(self.get_base_layer())
 
@@ -297,7 +297,7 @@ class Linear(nn.Module, MELoRALayer):
     """A frozen linear layer with one or more named MELoRA adapters: PEFT's tuner layer and ``melora.inject``'s.
 
     With one adapter (``melora.inject``) it also reads as that adapter: ``lora_A``,
-    ``lora_B``, ``n``, ``r``, ``scaling``, ``delta_weight()``, ``path_for(x)``.
+    ``lora_B``, ``n``, ``r``, ``scaling``, ``delta_weight()``, ``formulation_for(x)``.
     """
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: MELoRAConfig, name: str = "", **kwargs: Any) -> None:
@@ -358,13 +358,13 @@ class Linear(nn.Module, MELoRALayer):
         """``blockdiag(A_1..A_n)`` ``(n·r, d_in)`` and ``blockdiag(B_1..B_n)`` ``(d_out, n·r)``, differentiable."""
         return block_diagonal(self.lora_A), block_diagonal(self.lora_B)
 
-    def path_for(self, x: torch.Tensor) -> str:
-        """The formulation a single active adapter uses for input ``x``: ``self.path``, or :func:`choose_path`'s."""
-        return formulations.resolve_path(self.path, x, self.base_layer, self.lora_A, self.lora_B)
+    def formulation_for(self, x: torch.Tensor) -> str:
+        """The formulation a single active adapter uses for input ``x``: ``self.formulation``, or :func:`choose_formulation`'s."""
+        return formulations.resolve_formulation(self.formulation, x, self.base_layer, self.lora_A, self.lora_B)
 
     def add_adapter_output(self, result: torch.Tensor, x: torch.Tensor, path: str | None = None) -> torch.Tensor:
         """``result += s · concat_i(B_i A_i x_i)`` in place (``path``: ``"dense"`` or the ``"bmm"`` products)."""
-        return formulations.add_adapter_output(result, x, self.lora_A, self.lora_B, self.scaling, path or self.path_for(x))
+        return formulations.add_adapter_output(result, x, self.lora_A, self.lora_B, self.scaling, path or self.formulation_for(x))
 
     # -- merging (PEFT's API; with one adapter also melora's)
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
@@ -418,7 +418,7 @@ class Linear(nn.Module, MELoRALayer):
         if len(active) == 1 and not args and not kwargs and not quantized:
             a = active[0]
             return formulations.forward(x, self.base_layer, self.melora_A[a], self.melora_B[a], self.melora_scaling[a],
-                                        self.melora_dropout[a], self.path)
+                                        self.melora_dropout[a], self.formulation)
         result = self.base_layer(x, *args, **kwargs)
         if quantized:  # bitsandbytes returns its Function's output as a view: add into a copy
             result = result.clone()
@@ -449,9 +449,9 @@ class MELoRALinear(Linear):
         input ``(..., d_in)`` → output ``(..., d_out)``.
 
     Formulation:
-        ``layer.path`` is ``"auto"`` (default: :func:`choose_path` picks per call from
+        ``layer.formulation`` is ``"auto"`` (default: :func:`choose_formulation` picks per call from
         ``(d_in, d_out, n, r, tokens, dtype, device)`` and whether gradients are
-        needed) or one of ``PATHS`` to force it; every path gives the same output
+        needed) or one of ``FORMULATIONS`` to force it; every path gives the same output
         and gradients up to rounding.
 
     Precision:

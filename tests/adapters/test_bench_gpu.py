@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from melora.adapters.melora import PATHS
+from melora.adapters.melora import FORMULATIONS
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "scripts" / "bench_gpu.py"
@@ -23,7 +23,7 @@ def load_script():
 
 
 bench = load_script()
-VARIANTS = ["base", "melora", *[f"melora_{path}" for path in PATHS], "peft_lora_nr", "peft_lora_r", "mini_loop"]
+VARIANTS = ["base", "melora", *[f"melora_{path}" for path in FORMULATIONS], "peft_lora_nr", "peft_lora_r", "mini_loop"]
 
 
 def test_the_grid_of_the_issue():
@@ -33,7 +33,7 @@ def test_the_grid_of_the_issue():
     assert {c[2] for c in configs} == {1, 2, 8} and {c[3] for c in configs} == {512, 4096}
     keys = bench.group_modules(bench.LAYER_GRID["n"], bench.LAYER_GRID["r"])
     assert sorted(k[1] for k in keys if k[0] == "peft") == [1, 2, 4, 8, 16, 32, 64, 128, 512]  # once per rank: r and n·r
-    assert sum(k[0] == "melora" for k in keys) == 18 * (1 + len(PATHS)) and sum(k[0] == "mini_loop" for k in keys) == 18
+    assert sum(k[0] == "melora" for k in keys) == 18 * (1 + len(FORMULATIONS)) and sum(k[0] == "mini_loop" for k in keys) == 18
     assert list(bench.variant_keys(8, 2)) == VARIANTS and bench.variant_keys(8, 2)["peft_lora_nr"] == ("peft", 16)
     assert bench.layer_configs({"d": [24], "n": [1, 5, 8], "r": [1], "tokens": [8]}) == [(24, 1, 1, 8), (24, 8, 1, 8)]
 
@@ -89,7 +89,7 @@ def test_the_measuring_code_runs_at_toy_sizes_on_cpu():
     rows = bench.measure_layer_group(torch.device("cpu"), torch.float32, 32, 64, [1, 4], [1, 2], warmup=1, reps=2)
     assert len(rows) == 4 * len(VARIANTS) and all(row["reps"] == 2 and row["ms"] > 0 for row in rows)
     paths = {(row["n"], row["r"], row["variant"]): row["path"] for row in rows}
-    assert paths[(4, 2, "melora_fused")] == "fused" and paths[(4, 2, "melora")] in PATHS
+    assert paths[(4, 2, "melora_fused")] == "fused" and paths[(4, 2, "melora")] in FORMULATIONS
     assert paths[(4, 2, "peft_lora_nr")] == ""
     for name, spec in bench.STEP_MODELS.items():
         toy = {**spec, "layers": 1, "batch": 2, "seq": 8}

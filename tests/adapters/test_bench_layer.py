@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 import torch
 
-from melora.adapters.melora import PATHS
+from melora.adapters.melora import FORMULATIONS
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "scripts" / "bench_layer.py"
@@ -90,7 +90,7 @@ def test_a_toy_run_writes_named_reports_for_the_shapes_asked(tmp_path, monkeypat
     assert {(r["d"], r["T"]) for r in rows} == {("32", "64")}
     chosen = {(r["n"], r["mode"]): r["path"] for r in rows if r["variant"] == "melora"}
     assert chosen == {("1", "fwd"): "dense", ("4", "fwd"): "bmm", ("1", "fwdbwd"): "fused", ("4", "fwdbwd"): "fused_dense"}
-    assert {r["variant"] for r in rows} >= {f"melora_{path}" for path in PATHS} | {"peft_lora_nr", "mini_loop"}
+    assert {r["variant"] for r in rows} >= {f"melora_{path}" for path in FORMULATIONS} | {"peft_lora_nr", "mini_loop"}
     assert "## Targets (full layer)" in (tmp_path / "toy.md").read_text()
 
 

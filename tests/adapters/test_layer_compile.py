@@ -10,7 +10,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import melora
 from melora import MELoRALinear
-from melora.adapters.melora import PATHS
+from melora.adapters.melora import FORMULATIONS
 
 # bf16 keeps 8 significant bits (relative spacing 2^-8): a product of bf16 operands is off by about
 # one spacing, so a whole gradient tensor must be within 4 spacings of fp32, in relative Frobenius norm.
@@ -21,7 +21,7 @@ def injected_bert(path: str, train: bool = False):
     model = melora.inject(tiny_bert(), melora.MELoRAConfig(n=4, r=2, target_modules=["query", "value"]))
     randomize_adapters(model)
     for layer in melora.adapter_layers(model).values():
-        layer.path = path
+        layer.formulation = path
     if train:  # dropout modules active (MELoRA's takes the fused path's own-input branch) but p = 0: deterministic
         model.train()
         for module in model.modules():
@@ -46,7 +46,7 @@ def eager_and_compiled(path: str, backend: str, train: bool = False, autocast: b
     return results
 
 
-@pytest.mark.parametrize("path", ("auto",) + PATHS)
+@pytest.mark.parametrize("path", ("auto",) + FORMULATIONS)
 def test_fullgraph_compile_aot_eager_matches_eager(path):
     (eager, eager_grads), (compiled, compiled_grads) = eager_and_compiled(path, "aot_eager")
     torch.testing.assert_close(compiled, eager)
@@ -67,7 +67,7 @@ def test_fullgraph_compile_in_training_mode(path):
         torch.testing.assert_close(compiled_grads[name], eager_grads[name])
 
 
-@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("path", FORMULATIONS)
 def test_fullgraph_compile_under_bf16_autocast(path):
     """The traced graph rounds to bf16 in other places than eager: equal within bf16 tolerance."""
     (eager, eager_grads), (compiled, compiled_grads) = eager_and_compiled(path, "aot_eager", autocast=True)
@@ -110,11 +110,11 @@ def bf16_layer(d_in, d_out, n, r, path):
     layer = MELoRALinear(nn.Linear(d_in, d_out), n=n, r=r)
     with torch.no_grad():
         layer.lora_B.normal_(0.0, 0.1)
-    layer.path = path
+    layer.formulation = path
     return layer
 
 
-@pytest.mark.parametrize("path", ("auto",) + PATHS)
+@pytest.mark.parametrize("path", ("auto",) + FORMULATIONS)
 def test_autocast_keeps_the_frozen_dtype_and_runs_the_adapter_in_bf16(path):
     layer = bf16_layer(64, 96, 8, 2, path)
     x = torch.randn(4, 16, 64, requires_grad=True)
@@ -131,7 +131,7 @@ def test_autocast_keeps_the_frozen_dtype_and_runs_the_adapter_in_bf16(path):
 
 
 @pytest.mark.parametrize("d_in,d_out,n,r", [(64, 96, 8, 2), (96, 64, 4, 1), (64, 64, 1, 8), (128, 64, 16, 8)])
-@pytest.mark.parametrize("path", ("auto",) + PATHS)
+@pytest.mark.parametrize("path", ("auto",) + FORMULATIONS)
 def test_autocast_gradients_match_fp32_within_bf16_tolerance(path, d_in, d_out, n, r):
     layer = bf16_layer(d_in, d_out, n, r, path)
     x = torch.randn(4, 16, d_in, requires_grad=True)
@@ -149,7 +149,7 @@ def test_autocast_gradients_match_fp32_within_bf16_tolerance(path, d_in, d_out, 
         assert error <= BF16_REL_TOL, f"{path} {name}: relative error {error:.4f} > {BF16_REL_TOL}"
 
 
-@pytest.mark.parametrize("path", ("auto",) + PATHS)
+@pytest.mark.parametrize("path", ("auto",) + FORMULATIONS)
 def test_bf16_weights_without_autocast_stay_bf16(path):
     """A model loaded in bf16 (the LLaMA configs): factors, output and gradients bf16, close to fp32 math."""
     layer = bf16_layer(64, 96, 8, 2, path)

@@ -1,4 +1,4 @@
-"""Every formulation of MELoRALinear's product (``layer.path``) against a dense float64 reference, and the cost rule."""
+"""Every formulation of MELoRALinear's product (``layer.formulation``) against a dense float64 reference, and the cost rule."""
 
 import pytest
 import torch
@@ -7,7 +7,7 @@ from transformers.pytorch_utils import Conv1D
 
 import melora.adapters.formulations as melora_layer
 from melora import MELoRALinear
-from melora.adapters.melora import PATHS, choose_path, group_count
+from melora.adapters.melora import FORMULATIONS, choose_formulation, group_count
 
 SHAPES = [(24, 40, n, r) for n in (1, 2, 4, 8) for r in (1, 2, 8)] + [(64, 16, 2, 8), (64, 16, 8, 1)]  # (d_in, d_out, n, r)
 LEADS = [(7,), (2, 3)]  # 2-D and 3-D inputs
@@ -46,11 +46,11 @@ def run(layer, x, upstream):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
 @pytest.mark.parametrize("lead", LEADS, ids=["2d", "3d"])
 @pytest.mark.parametrize("d_in,d_out,n,r", SHAPES)
-@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("path", FORMULATIONS)
 def test_every_path_matches_dense_float64(path, d_in, d_out, n, r, lead, dtype):
     layer = random_layer(d_in, d_out, n, r, dtype)
-    layer.path = path
-    assert layer.path_for(torch.zeros(1, d_in, dtype=dtype)) == path  # forced, whatever the rule says
+    layer.formulation = path
+    assert layer.formulation_for(torch.zeros(1, d_in, dtype=dtype)) == path  # forced, whatever the rule says
     x = torch.randn(*lead, d_in, dtype=dtype)
     upstream = torch.randn(*lead, d_out, dtype=dtype)
     got = run(layer, x, upstream)
@@ -61,13 +61,13 @@ def test_every_path_matches_dense_float64(path, d_in, d_out, n, r, lead, dtype):
     assert layer.base_layer.weight.grad is None and layer.base_layer.bias.grad is None
 
 
-@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("path", FORMULATIONS)
 def test_every_path_with_dropout_and_conv1d(path):
     """Dropout gives the adapter its own input (the fused backward's unshared branch); Conv1D stores W transposed."""
     torch.manual_seed(0)
     conv = Conv1D(40, 24).double()
     layer = random_layer(24, 40, 4, 2, torch.float64, base=conv, dropout=0.5)
-    layer.path = path
+    layer.formulation = path
     layer.train()
     x = torch.randn(2, 5, 24, dtype=torch.float64)
     upstream = torch.randn(2, 5, 40, dtype=torch.float64)
@@ -80,10 +80,10 @@ def test_every_path_with_dropout_and_conv1d(path):
         torch.testing.assert_close(g, w.detach(), rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("path", FORMULATIONS)
 def test_every_path_without_grad_and_after_merge(path):
     layer = random_layer(24, 40, 8, 2, torch.float64)
-    layer.path = path
+    layer.formulation = path
     x = torch.randn(3, 24, dtype=torch.float64)
     with torch.no_grad():
         out = layer(x)
@@ -103,7 +103,7 @@ def rule(monkeypatch):
     monkeypatch.setattr(melora_layer, "DENSE_MIN_TOKENS_PER_RANK", 4)
     monkeypatch.setattr(melora_layer, "CPU_BF16_DTYPES", (torch.bfloat16,))
     monkeypatch.setattr(melora_layer, "GROUPS_MAX_RANK", 128)
-    return choose_path
+    return choose_formulation
 
 
 @pytest.mark.parametrize(
@@ -152,36 +152,36 @@ def test_cost_rule_picks_the_documented_path(rule, d, n, r, tokens, dtype, devic
 def test_layer_asks_the_rule_with_its_call(rule):
     layer = MELoRALinear(nn.Linear(64, 64), n=8, r=8)
     x = torch.randn(256, 64)
-    assert layer.path_for(x) == "fused"
+    assert layer.formulation_for(x) == "fused"
     with torch.no_grad():
-        assert layer.path_for(x) == "bmm"
-        assert MELoRALinear(nn.Linear(64, 64), n=1, r=4).path_for(x) == "dense"
+        assert layer.formulation_for(x) == "bmm"
+        assert MELoRALinear(nn.Linear(64, 64), n=1, r=4).formulation_for(x) == "dense"
     x.requires_grad_(False)
     frozen = MELoRALinear(nn.Linear(64, 64), n=8, r=4).requires_grad_(False)
-    assert frozen.path_for(x) == "bmm"  # nothing needs a gradient: an inference call
+    assert frozen.formulation_for(x) == "bmm"  # nothing needs a gradient: an inference call
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert layer.path_for(x) == "fused_dense"  # the rule sees autocast's dtype: bf16, n·r = 64
+        assert layer.formulation_for(x) == "fused_dense"  # the rule sees autocast's dtype: bf16, n·r = 64
 
 
 def test_fused_needs_a_plain_frozen_base(rule):
     layer = MELoRALinear(nn.Linear(64, 64), n=8, r=8)
     x = torch.randn(256, 64)
     layer.base_layer.register_forward_hook(lambda module, args, out: None)
-    assert layer.path_for(x) == "bmm"  # the rule's "fused" would skip the hook
+    assert layer.formulation_for(x) == "bmm"  # the rule's "fused" would skip the hook
     for n, r, unfused in ((4, 2, "dense"), (4, 1, "bmm")):  # the rule's "fused_dense", "fused_blocks"
         hooked = MELoRALinear(nn.Linear(64, 64), n=n, r=r)
         hooked.base_layer.register_forward_hook(lambda module, args, out: None)
-        assert hooked.path_for(x) == unfused
+        assert hooked.formulation_for(x) == unfused
     lora = MELoRALinear(nn.Linear(64, 64), n=1, r=4)
     lora.base_layer.register_forward_hook(lambda module, args, out: None)
-    assert lora.path_for(x) == "dense"  # n = 1 falls back to plain LoRA
-    layer.path = "fused"
+    assert lora.formulation_for(x) == "dense"  # n = 1 falls back to plain LoRA
+    layer.formulation = "fused"
     with pytest.raises(ValueError, match="path='fused' needs a frozen nn.Linear or Conv1D without hooks"):
         layer(x)
-    layer.path = "loop"
+    layer.formulation = "loop"
     with pytest.raises(
         ValueError,
-        match=r"path='loop' is unknown; set layer.path to 'auto' or one of \('bmm', 'dense', 'fused', 'fused_dense', 'fused_blocks', 'fused_groups'\)",
+        match=r"formulation='loop' is unknown; set layer.formulation to 'auto' or one of \('bmm', 'dense', 'fused', 'fused_dense', 'fused_blocks', 'fused_groups'\)",
     ):
         layer(x)
 
@@ -201,7 +201,7 @@ def test_fused_groups_matches_dense_float64_at_every_group_count(monkeypatch, n,
     """``GROUPS_MAX_RANK`` sets the groups; every count from 1 (dense) to n (blocks) is exact."""
     monkeypatch.setattr(melora_layer, "GROUPS_MAX_RANK", max_rank)
     layer = random_layer(48, 96, n, r, torch.float64)
-    layer.path = "fused_groups"
+    layer.formulation = "fused_groups"
     x = torch.randn(2, 5, 48, dtype=torch.float64)
     upstream = torch.randn(2, 5, 96, dtype=torch.float64)
     for got, want in zip(run(layer, x, upstream), reference(layer, x, upstream=upstream)):
