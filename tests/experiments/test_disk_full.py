@@ -8,18 +8,20 @@ mid-file: every file melora writes goes through :func:`melora.files._write`.
 import errno
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import data_dir, tiny_bert
-from test_bad_inputs import run_main
 
 import melora
 import melora.files
 from melora.experiments.train.checkpoint import inspect_resume, save_checkpoint
 from melora.files import DiskFull, atomic_write_json
 
+ROOT = Path(__file__).resolve().parents[2]
 ENV = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
 # A smoke run of 8 optimiser steps (4 a epoch), a checkpoint after each (eval_every=1).
 RUN = ["profile=smoke", "task=glue/sst2", "task.max_train_samples=32", "task.max_eval_samples=16", "task.epochs=2",
@@ -92,31 +94,45 @@ def test_a_record_or_an_adapter_that_does_not_fit_leaves_the_previous_file(tmp_p
     assert snapshot(tmp_path) == before  # no half file, no temp file left behind
 
 
-def fill_up_after_checkpoints(count: int):
-    """A ``prepare`` for :func:`run_main`: the disk fills part-way through the checkpoint after ``count`` of them."""
+# A run in a fresh interpreter (forking this one after torch started its thread pool is not safe for training)
+# whose disk fills up part-way through the checkpoint after ``count`` of them: argv = count, then the run's arguments.
+FILLING_RUN = """
+import errno, os, sys
+import melora.files
 
-    def prepare() -> None:
-        real, saved = melora.files._write, []
+count, args = int(sys.argv[1]), sys.argv[2:]
+real, saved = melora.files._write, []
 
-        def write(f, data):
-            name = str(getattr(f, "name", ""))
-            if ".checkpoint.tmp" in name and name.endswith("state.json"):
-                saved.append(name)
-            if ".checkpoint.tmp" in name and name.endswith("adapter.safetensors") and len(saved) >= count:
-                f.write(data[: len(data) // 2])
-                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-            return real(f, data)
+def write(f, data):
+    name = str(getattr(f, "name", ""))
+    if ".checkpoint.tmp" in name and name.endswith("state.json"):
+        saved.append(name)
+    if count >= 0 and ".checkpoint.tmp" in name and name.endswith("adapter.safetensors") and len(saved) >= count:
+        f.write(data[: len(data) // 2])
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    return real(f, data)
 
-        melora.files._write = write
+melora.files._write = write
+import melora.experiments.glue as entry
 
-    return prepare
+sys.argv = [entry.__file__, *args]
+entry.main()
+"""
+
+
+def run_glue(args: list[str], fill_up_after: int = -1) -> tuple[int, str]:
+    """``python -m melora.experiments.glue <args>`` in a fresh process; ``fill_up_after`` ≥ 0: the disk fills part-way
+    through the checkpoint after that many. Returns ``(exit status, stdout + stderr)``."""
+    proc = subprocess.run([sys.executable, "-c", FILLING_RUN, str(fill_up_after), *args], cwd=ROOT, env=ENV,
+                          capture_output=True, text=True, timeout=600)
+    return proc.returncode, proc.stdout + proc.stderr
 
 
 def test_a_run_whose_disk_fills_up_says_so_in_one_line_and_the_rerun_resumes(tmp_path):
     data_dir()
     run_dir = tmp_path / "run"
     args = [*RUN, f"hydra.run.dir={run_dir}"]
-    status, out = run_main("melora.experiments.glue", args, tmp_path / "full.txt", ENV, fill_up_after_checkpoints(3))
+    status, out = run_glue(args, fill_up_after=3)
     errors = [line for line in out.splitlines() if line.startswith("Error: ")]
     assert status == 1 and "Traceback" not in out, out[-3000:]
     assert len(errors) == 1, out[-3000:]
@@ -126,7 +142,7 @@ def test_a_run_whose_disk_fills_up_says_so_in_one_line_and_the_rerun_resumes(tmp
     assert json.loads((run_dir / "record.json").read_text())["status"] == "running"
     assert not list(run_dir.glob(".checkpoint*")) and not list(run_dir.rglob("*.tmp"))
 
-    status, out = run_main("melora.experiments.glue", args, tmp_path / "again.txt", ENV)
+    status, out = run_glue(args)
     assert status == 0, out[-3000:]
     assert f"resuming {run_dir} from step 3 " in out
     record = json.loads((run_dir / "record.json").read_text())
