@@ -122,7 +122,8 @@ class MELoRAConfig(AdapterConfig, PeftConfig):
         r: Rank of each mini LoRA (equivalent rank ``n·r``).
         alpha: Scaling numerator.
         dropout: Dropout on the adapter input.
-        scaling: ``"per_mini"``: ``s = alpha / r`` (the official implementation
+        scaling: The rule that gives the factor ``s`` (the layer keeps the factor
+            itself as ``melora_scaling[name]``, PEFT's ``scaling``): ``"per_mini"``: ``s = alpha / r`` (the official implementation
             gives each mini LoRA ``alpha / r``; default); ``"equivalent"``:
             ``alpha / (n·r)``, LoRA's convention at the equivalent rank;
             ``"rslora"``: ``alpha / sqrt(r)`` (Kalajdzievski 2023).
