@@ -542,7 +542,8 @@ def spec_cost(name: str, profile: str, extra: list[str] | None = None) -> dict:
     """What one spec has cost so far: its runs, how many are complete, their summed and median run time.
 
     Read from the records under the runs folder ``extra`` points at (``runs_root=…``). A
-    ``lr_from`` spec counts only the runs whose lr its grid has chosen (``waiting``: the others).
+    ``lr_from`` spec counts only the runs whose lr its grid has chosen (``waiting``: the others); an
+    ``lr_bracket`` spec counts its grid with the extensions its records have asked for so far.
     Returns ``{"spec", "runs", "complete", "waiting", "summed_min", "median_min"}``.
     """
     import io
@@ -559,13 +560,15 @@ def spec_cost(name: str, profile: str, extra: list[str] | None = None) -> dict:
         record = read_record(compose_run(run, extra).run_dir)
         if record is not None and record.get("status") == "completed" and record.get("wall_time_s") is not None:
             minutes.append(record["wall_time_s"] / 60)
-    return {"spec": name, "runs": len(every), "complete": len(minutes), "waiting": len(every) - len(runs),
+    # An lr_bracket grid only grows (its extensions are runs too); lr_from and choices_from runs wait.
+    waiting = max(len(every) - len(runs), 0)
+    return {"spec": name, "runs": len(runs) + waiting, "complete": len(minutes), "waiting": waiting,
             "summed_min": sum(minutes), "median_min": statistics.median(minutes) if minutes else None}
 
 
 def cost_table(names: list[str], profile: str, extra: list[str] | None = None) -> str:
     """A Markdown table of :func:`spec_cost` for each spec (runs shared between specs count in each)."""
-    lines = ["| spec | runs | complete | waiting for their lr grid | summed run time | median per run |", "|---|--:|--:|--:|--:|--:|"]
+    lines = ["| spec | runs | complete | waiting for an lr choice | summed run time | median per run |", "|---|--:|--:|--:|--:|--:|"]
     for name in names:
         c = spec_cost(name, profile, extra)
         median = f"{c['median_min']:.1f} min" if c["median_min"] is not None else "—"

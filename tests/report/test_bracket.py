@@ -108,3 +108,14 @@ def test_test_half_metrics_never_change_an_extension(tmp_path):
         for lr, val, test in zip((1e-3, 3e-3, 1e-2), (0.8, 0.7, 0.6), tests):
             fake_record(root, lr, 0, val, test)
     assert lrs(lora_runs(tmp_path / "a")) == lrs(lora_runs(tmp_path / "b")) == [3e-4, 1e-3, 3e-3, 1e-2]
+
+
+def test_cost_counts_a_grids_extensions_as_runs_not_as_negative_waiting(tmp_path):
+    from melora.experiments.sweep import expand, load_spec, spec_cost
+
+    for lr, val in ((1e-3, 0.60), (3e-3, 0.70), (1e-2, 0.80)):
+        fake_record(tmp_path, lr, 0, val, 0.5)
+    cost = spec_cost("verdicts", "smoke", [f"runs_root={tmp_path}"])
+    extension = len(load_spec("verdicts")["profiles"]["smoke"]["seeds"])  # LoRA's setting gets 3e-2 at every seed
+    assert cost["waiting"] == 0
+    assert cost["runs"] == len(expand(load_spec("verdicts"), "smoke")) + extension
