@@ -45,8 +45,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     if Path(args.out).resolve() == include.ROOT / "results":  # the documents that include these files follow them
-        for path in include.update():
+        missing: list[str] = []
+        for path in include.update(missing=missing):
             print(f"updated {path}")
+        for source in dict.fromkeys(missing):
+            print(f"{source} is not built yet: the documents' blocks that include it are left as they were")
     return 0
 
 

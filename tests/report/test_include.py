@@ -48,6 +48,17 @@ def test_a_missing_file_or_heading_is_named(tmp_path):
         include.update([doc], root=tmp_path)
 
 
+def test_a_partial_results_build_keeps_the_blocks_of_files_it_has_not_made(tmp_path):
+    doc = tmp_path / "README.md"
+    (tmp_path / "bench.md").write_text(TABLE)
+    kept = "<!-- include later.md -->\nold text\n<!-- end include -->\n"
+    doc.write_text(kept + "<!-- include bench.md -->\n<!-- end include -->\n")
+    missing: list[str] = []
+    assert include.update([doc], root=tmp_path, missing=missing) == [doc]
+    assert missing == ["later.md"]
+    assert doc.read_text() == kept + "<!-- include bench.md -->\n" + TABLE + "<!-- end include -->\n"
+
+
 HEADER = "method,task,chosen,lr,lr at grid edge,lrs tried,seeds,validation,test mean ± std,test 95% CI,Δ vs LoRA r=8 (paired),Δ 95% CI,verdict\n"
 
 

@@ -189,7 +189,7 @@ def test_dominance_says_above_below_or_crosses():
 
 
 def test_lr_table_has_every_point_and_marks_the_choices():
-    figures, markdown, csv = verdicts.lr_sensitivity(grid(tasks=("sst2",)))
+    figures, markdown, csv, summary = verdicts.lr_sensitivity(grid(tasks=("sst2",)))
     lines = csv.splitlines()
     assert list(figures) == ["sst2"] and len(lines) == 1 + 8 * 3  # eight lines, three lrs each
     assert lines[0] == "task,row,setting,lr,seeds,collapsed seeds,validation,test mean ± std,test 95% CI,chosen"
@@ -197,6 +197,8 @@ def test_lr_table_has_every_point_and_marks_the_choices():
     assert len(chosen) == 8 and sum(line.endswith("(best n)") for line in chosen) == 1
     assert "MELoRA n=8 r=1" in next(line for line in chosen if line.endswith("(best n)"))
     assert "SST-2: MELoRA n=2 r=8" in markdown
+    bullets = [line for line in summary.splitlines() if line.startswith("- ")]
+    assert len(bullets) == 1 and bullets[0].startswith("- SST-2: MELoRA n=2 r=8 ") and bullets[0] in markdown.replace(" SST-2:", "\n- SST-2:")
 
 
 def test_long_training_beside_the_default_epochs():

@@ -180,7 +180,8 @@ def _verdicts(records: list[dict], out: Path, model: str | None, log: Callable[[
     """The dev-halves report (:mod:`melora.experiments.report.verdicts`) from the dev-halves GLUE runs there are.
 
     ``tables/table{2,4}_verdicts.{md,csv,tex}`` with ``figures/table{2,4}_verdicts_forest.{png,pdf}``,
-    ``figures/lr_sensitivity_<task>.{png,pdf}`` with ``tables/lr_sensitivity.{md,csv}``, and
+    ``figures/lr_sensitivity_<task>.{png,pdf}`` with ``tables/lr_sensitivity.{md,csv}`` and
+    ``tables/lr_sensitivity_summary.md`` (each task's lines against LoRA r=8 in words, for the README), and
     ``tables/verdicts_long.{md,csv}`` when runs trained for the longer epochs (else skipped with a message).
 
     Raises:
@@ -211,15 +212,16 @@ def _verdicts(records: list[dict], out: Path, model: str | None, log: Callable[[
         note = (verdicts.note(layout) + _provenance(kept) + protocol.data_note(in_rows, protocol.DEV_HALVES_SIZES)
                 + (f" Diverged runs (ranked lowest): {diverged}." if diverged else ""))
         written.update(_write_protocol_table(table, note, tables, f"{layout.name}_forest", log))
-    lr_figures, markdown, csv = verdicts.lr_sensitivity(records, epochs)
+    lr_figures, markdown, csv, summary = verdicts.lr_sensitivity(records, epochs)
     for task, fig in lr_figures.items():
         name = f"lr_sensitivity_{task}"
         written[name] = save_figure(fig, figures, name)
         log(f"{name}: " + ", ".join(map(str, written[name])))
     if lr_figures:
-        written["lr_sensitivity"] = [tables / "lr_sensitivity.md", tables / "lr_sensitivity.csv"]
+        written["lr_sensitivity"] = [tables / "lr_sensitivity.md", tables / "lr_sensitivity.csv", tables / "lr_sensitivity_summary.md"]
         atomic_write_text(written["lr_sensitivity"][0], markdown)
         atomic_write_text(written["lr_sensitivity"][1], csv)
+        atomic_write_text(written["lr_sensitivity"][2], summary)
         log("lr_sensitivity: " + ", ".join(map(str, written["lr_sensitivity"])))
     long = verdicts.long_rows(records, epochs)
     if long is None:

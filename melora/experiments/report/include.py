@@ -62,9 +62,20 @@ def included_text(source: str, section: str | None, root: Path = ROOT) -> str:
     return text if text.endswith("\n") else text + "\n"
 
 
-def render(text: str, root: Path = ROOT) -> str:
-    """``text`` with every include block filled from its file."""
-    return BLOCK.sub(lambda m: m.group(1) + included_text(m.group("source"), m.group("section"), root) + m.group(5), text)
+def render(text: str, root: Path = ROOT, missing: list[str] | None = None) -> str:
+    """``text`` with every include block filled from its file.
+
+    ``missing``: when given, a block whose file does not exist yet is left as it is and its
+    source appended here (a results build that made only some files); else that raises.
+    """
+    def fill(m: re.Match) -> str:
+        source = m.group("source").strip()
+        if missing is not None and not (root / source).is_file():
+            missing.append(source)
+            return m.group(0)
+        return m.group(1) + included_text(source, m.group("section"), root) + m.group(5)
+
+    return BLOCK.sub(fill, text)
 
 
 def blocks(text: str) -> list[tuple[str, str | None, str]]:
@@ -77,12 +88,15 @@ def documents(root: Path = ROOT) -> list[Path]:
     return sorted({p for pattern in DOCUMENTS for p in root.glob(pattern)})
 
 
-def update(paths: list[Path] | None = None, root: Path = ROOT) -> list[Path]:
-    """Rewrite the include blocks of ``paths`` (default: :func:`documents`); returns the documents that changed."""
+def update(paths: list[Path] | None = None, root: Path = ROOT, missing: list[str] | None = None) -> list[Path]:
+    """Rewrite the include blocks of ``paths`` (default: :func:`documents`); returns the documents that changed.
+
+    ``missing``: as in :func:`render` (blocks of files not built yet are kept and listed there).
+    """
     changed = []
     for path in paths or documents(root):
         text = path.read_text()
-        new = render(text, root)
+        new = render(text, root, missing)
         if new != text:
             atomic_write_text(path, new)
             changed.append(path)

@@ -336,11 +336,25 @@ def metric_of(records: list[dict], task: str) -> str:
     return next((r["metric"] for r in records if r.get("task") == task and r.get("metric")), "")
 
 
-def lr_sensitivity(records: list[dict], epochs: int | dict[str, int] | None = None) -> tuple[dict[str, Figure], str, str]:
+LR_SUMMARY_NOTE = (
+    "Is the ranking the same at every learning rate? Each MELoRA line's mean test-half metric against LoRA r=8's at every lr "
+    "both ran (dev-halves protocol, mean over the seeds the two share at that lr; means only: the intervals are in "
+    "`results/tables/lr_sensitivity.md` and the bands of `results/figures/lr_sensitivity_<task>.png`):"
+)
+
+
+def lr_summary(lines_by_task: dict[str, dict[str, Curve]]) -> str:
+    """One bullet per task with :func:`dominance_text`, under :data:`LR_SUMMARY_NOTE` (``""`` when no task has a line pair)."""
+    bullets = [f"- {GLUE_LABELS.get(task, task)}: {words}." for task, lines in lines_by_task.items() if (words := dominance_text(lines))]
+    return LR_SUMMARY_NOTE + "\n\n" + "\n".join(bullets) + "\n" if bullets else ""
+
+
+def lr_sensitivity(records: list[dict], epochs: int | dict[str, int] | None = None) -> tuple[dict[str, Figure], str, str, str]:
     """Every lr figure and their table, at ``epochs`` (default: each task's fewest).
 
     Returns:
-        Task → its figure, the table as Markdown (with its note and each task's dominance line) and as CSV.
+        Task → its figure, the table as Markdown (with its note and each task's dominance line) and as CSV,
+        and :func:`lr_summary` (the dominance lines alone, for the README).
     """
     cells, table = _line_cells(records, _epochs(records, epochs))
     lines_by_task = {task: lines for task in tasks_of(records) if (lines := _curves(cells, table, task))}
@@ -348,7 +362,7 @@ def lr_sensitivity(records: list[dict], epochs: int | dict[str, int] | None = No
     header, body = lr_rows(lines_by_task)
     text = LR_NOTE + "".join(f" {GLUE_LABELS.get(task, task)}: {words}." for task, lines in lines_by_task.items()
                              if (words := dominance_text(lines)))
-    return figures, protocol.markdown_table(header, body, text), protocol.csv_table(header, body)
+    return figures, protocol.markdown_table(header, body, text), protocol.csv_table(header, body), lr_summary(lines_by_task)
 
 
 # ---- longer training -----------------------------------------------------------------------------------------------
