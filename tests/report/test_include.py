@@ -98,3 +98,18 @@ def test_settled_and_pivot_on_rows():
     assert settled(rows) == (True, "4 of 4 cells with 5 seeds and a settled grid")
     header, body = pivot(rows)
     assert header == ["vs LoRA r=8", "SST-2", "MRPC"] and [b[0] for b in body] == ["MELoRA r=1"]
+
+
+def test_the_headline_says_each_methods_verdicts_in_words(tmp_path):
+    import csv
+    import io
+
+    from melora.experiments.report.headline import in_words
+
+    rows = list(csv.DictReader(io.StringIO(rows_csv())))
+    assert in_words(rows) == "- MELoRA r=1: worse than LoRA r=8 on SST-2; no detectable difference on MRPC.\n"
+    rows[1]["verdict"] = "better"
+    rows[3]["verdict"] = "better"
+    assert in_words(rows) == "- MELoRA r=1: better than LoRA r=8 on SST-2, MRPC.\n"
+    (tmp_path / "table2_verdicts.csv").write_text(rows_csv())
+    assert headline(tmp_path).endswith("\n\n" + in_words(list(csv.DictReader(io.StringIO(rows_csv())))))

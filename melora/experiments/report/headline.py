@@ -1,6 +1,6 @@
 """The headline table: Table 2's paired verdicts against LoRA r=8, one row per method, one column per task.
 
-It is a view of a table the protocol code wrote (``tables/table2_verdicts.csv``,
+Below the grid, each method's verdicts in words (:func:`in_words`). It is a view of a table the protocol code wrote (``tables/table2_verdicts.csv``,
 the dev-halves protocol; ``tables/table2_heldout.csv`` only where no dev-halves
 table exists), so it holds no number of its own. Its note says which protocol,
 and, while the dev-halves sweep is still running, that the cells are
@@ -73,6 +73,21 @@ def pivot(rows: list[dict[str, str]], delta: str = "Δ vs LoRA r=8 (paired)", in
     return ["vs LoRA r=8", *tasks], body
 
 
+def in_words(rows: list[dict[str, str]]) -> str:
+    """Each compared method's verdicts as one bullet: ``"- MELoRA r=1: worse than LoRA r=8 on CoLA; no detectable difference on SST-2."``."""
+    tasks = list(dict.fromkeys(r["task"] for r in rows))
+    bullets = []
+    for method in dict.fromkeys(r["method"] for r in rows if r["method"] != REFERENCE):
+        by_verdict: dict[str, list[str]] = {}
+        for r in sorted((r for r in rows if r["method"] == method), key=lambda r: tasks.index(r["task"])):
+            by_verdict.setdefault(r["verdict"] or "no verdict", []).append(r["task"])
+        order = ["better", "worse", "no detectable difference"]
+        parts = [f"{v}{' than ' + REFERENCE if v in ('better', 'worse') else ''} on {', '.join(by_verdict[v])}"
+                 for v in sorted(by_verdict, key=lambda v: order.index(v) if v in order else len(order))]
+        bullets.append(f"- {method}: {'; '.join(parts)}.")
+    return "\n".join(bullets) + "\n"
+
+
 def headline(tables: Path) -> str | None:
     """The headline table's Markdown from the Table 2 files in ``tables``; ``None`` when neither exists."""
     tables = Path(tables)
@@ -81,9 +96,9 @@ def headline(tables: Path) -> str | None:
         done, progress = settled(rows)
         seeds = f"up to {max(int(r['seeds']) for r in rows)} seeds per cell"
         status = "" if done else PROVISIONAL.format(progress=progress)
-        return markdown_table(*pivot(rows), NOTE_DEV_HALVES.format(seeds=seeds, status=status))
+        return markdown_table(*pivot(rows), NOTE_DEV_HALVES.format(seeds=seeds, status=status)) + "\n" + in_words(rows)
     if (tables / HELDOUT).is_file():
         rows = read_rows(tables / HELDOUT)
         seeds = f"up to {max(int(r['seeds']) for r in rows)} seeds per cell"
-        return markdown_table(*pivot(rows), NOTE_HELDOUT.format(seeds=seeds))
+        return markdown_table(*pivot(rows), NOTE_HELDOUT.format(seeds=seeds)) + "\n" + in_words(rows)
     return None
