@@ -113,3 +113,19 @@ def test_the_headline_says_each_methods_verdicts_in_words(tmp_path):
     assert in_words(rows) == "- MELoRA r=1: better than LoRA r=8 on SST-2, MRPC.\n"
     (tmp_path / "table2_verdicts.csv").write_text(rows_csv())
     assert headline(tmp_path).endswith("\n\n" + in_words(list(csv.DictReader(io.StringIO(rows_csv())))))
+
+
+def test_the_headline_stays_provisional_until_every_cell_has_the_specs_seeds(tmp_path):
+    (tmp_path / "table2_verdicts.csv").write_text(rows_csv(seeds_melora=3).replace(",5,", ",3,"))
+    assert "Provisional" not in headline(tmp_path)  # without the spec: three seeds everywhere is enough
+    assert "Provisional: the sweep is still running (0 of 4 cells with 5 seeds and a settled grid)" in headline(tmp_path, wanted_seeds=5)
+    (tmp_path / "table2_verdicts.csv").write_text(rows_csv())
+    assert "Provisional" not in headline(tmp_path, wanted_seeds=5)
+
+
+def test_the_results_build_reads_the_seeds_wanted_from_the_verdicts_spec():
+    from melora.experiments.report.build import _verdict_seeds
+
+    records = [{"profile": "mini", "selection": {"split": "dev_halves"}}]
+    assert _verdict_seeds(records, None) == 5 and _verdict_seeds(records, "smoke") == 2
+    assert _verdict_seeds([], None) is None

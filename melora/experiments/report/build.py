@@ -57,7 +57,7 @@ def make_results(runs: str | Path, out: str | Path, only: list[str] | None = Non
     if "verdicts" in extras:
         written.update(_verdicts(all_records, Path(out), model, log))
     if extras & {"heldout", "verdicts"}:
-        written.update(_headline(Path(out) / "tables", log))
+        written.update(_headline(Path(out) / "tables", log, _verdict_seeds(all_records, profile)))
     for name in only or ARTIFACTS:
         if name in ("heldout", "scaling", "verdicts"):
             continue
@@ -162,12 +162,28 @@ def _write_protocol_table(table, note: str, folder: Path, figure: str, log: Call
     return written
 
 
-def _headline(tables: Path, log: Callable[[str], None]) -> dict[str, list[Path]]:
-    """``tables/headline.md``: Table 2's verdicts as a method × task grid (:mod:`melora.experiments.report.headline`)."""
+def _verdict_seeds(records: list[dict], profile: str | None) -> int | None:
+    """The seeds the ``verdicts`` spec runs per cell at the dev-halves records' profile (``None`` if unknown)."""
+    from melora.experiments.specs import load_spec
+
+    profiles = {r.get("profile") for r in records if selection_of(r) == "dev_halves"}
+    profile = profile or (profiles.pop() if len(profiles) == 1 else None)
+    try:
+        seeds = load_spec("verdicts")["profiles"].get(profile, {}).get("seeds") if profile else None
+    except FileNotFoundError:  # an installed package without the experiment specs
+        return None
+    return len(seeds) if seeds else None
+
+
+def _headline(tables: Path, log: Callable[[str], None], wanted_seeds: int | None = None) -> dict[str, list[Path]]:
+    """``tables/headline.md``: Table 2's verdicts as a method × task grid (:mod:`melora.experiments.report.headline`).
+
+    ``wanted_seeds``: the seeds per cell of the dev-halves sweep; until every cell has them, the headline says it is provisional.
+    """
     from melora.experiments.report.headline import headline
     from melora.files import atomic_write_text
 
-    text = headline(tables)
+    text = headline(tables, wanted_seeds)
     if text is None:
         log("headline: no Table 2 verdicts under either protocol; skipped")
         return {}

@@ -41,16 +41,19 @@ def read_rows(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
-def settled(rows: list[dict[str, str]]) -> tuple[bool, str]:
-    """Whether every cell of a dev-halves Table 2 has as many seeds as the most seeded one and a bracketed lr.
+def settled(rows: list[dict[str, str]], wanted: int | None = None) -> tuple[bool, str]:
+    """Whether every cell of a dev-halves Table 2 has its seeds and a bracketed lr.
 
-    Returns ``(settled, progress)``: the second says how many cells are.
+    ``wanted``: the seeds the sweep's spec gives every cell; without it, as many as the most
+    seeded cell, and at least three. Returns ``(settled, progress)``: the second says how many cells are.
     """
     if not rows:
         return False, "no cells yet"
     most = max(int(r["seeds"]) for r in rows)
-    done = [r for r in rows if int(r["seeds"]) == most and "extended" not in r["lr at grid edge"] and r["lr"] not in ("", "—")]
-    return len(done) == len(rows) and most >= 3, f"{len(done)} of {len(rows)} cells with {most} seeds and a settled grid"
+    target = wanted or most
+    done = [r for r in rows if int(r["seeds"]) >= target and "extended" not in r["lr at grid edge"] and r["lr"] not in ("", "—")]
+    enough = wanted is not None or most >= 3
+    return len(done) == len(rows) and enough, f"{len(done)} of {len(rows)} cells with {target} seeds and a settled grid"
 
 
 def pivot(rows: list[dict[str, str]], delta: str = "Δ vs LoRA r=8 (paired)", interval: str = "Δ 95% CI") -> tuple[list[str], list[list[str]]]:
@@ -88,12 +91,15 @@ def in_words(rows: list[dict[str, str]]) -> str:
     return "\n".join(bullets) + "\n"
 
 
-def headline(tables: Path) -> str | None:
-    """The headline table's Markdown from the Table 2 files in ``tables``; ``None`` when neither exists."""
+def headline(tables: Path, wanted_seeds: int | None = None) -> str | None:
+    """The headline table's Markdown from the Table 2 files in ``tables``; ``None`` when neither exists.
+
+    ``wanted_seeds``: the seeds the dev-halves spec runs per cell (:func:`settled`).
+    """
     tables = Path(tables)
     if (tables / DEV_HALVES).is_file():
         rows = read_rows(tables / DEV_HALVES)
-        done, progress = settled(rows)
+        done, progress = settled(rows, wanted_seeds)
         seeds = f"up to {max(int(r['seeds']) for r in rows)} seeds per cell"
         status = "" if done else PROVISIONAL.format(progress=progress)
         return markdown_table(*pivot(rows), NOTE_DEV_HALVES.format(seeds=seeds, status=status)) + "\n" + in_words(rows)
