@@ -51,6 +51,20 @@ def config_hash(config: dict) -> str:
     return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def config_differences(recorded: dict, config: dict, prefix: str = "") -> list[str]:
+    """The settings where two resolved configs differ, as ``"task.lr=0.001 (recorded) vs 0.003"`` (cosmetic keys left out)."""
+    out = []
+    for key in sorted(set(recorded) | set(config)):
+        if not prefix and key in _COSMETIC:
+            continue
+        a, b = recorded.get(key, "<unset>"), config.get(key, "<unset>")
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += config_differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}={a} (recorded) vs {b}")
+    return out
+
+
 def package_versions() -> dict[str, str | None]:
     out = {}
     for name in PACKAGES:

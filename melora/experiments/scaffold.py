@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from omegaconf import DictConfig, OmegaConf
 
 from melora.adapters.base import AdapterConfig, config_class
-from melora.experiments.runs import config_hash, move_aside, read_record
+from melora.experiments.runs import config_differences, config_hash, move_aside, read_record
 from melora.experiments.specs import CONFIGS, require_project
 from melora.experiments.train.runlock import exclusive_run
 from melora.experiments.train.trainer import TrainerConfig
@@ -84,9 +84,13 @@ def check_run_dir(run_dir: Path, config: dict) -> dict | None:
     if record is None:
         return None
     if record.get("config_hash") != config_hash(config):
+        differences = config_differences(record["config"], config) if isinstance(record.get("config"), dict) else []
+        shown = "; ".join(differences[:3]) + (f"; and {len(differences) - 3} more" if len(differences) > 3 else "")
+        where = (" (the data folder is part of a run's identity: point MELORA_DATA_DIR at the recorded one to resume it)"
+                 if any(d.startswith("data_dir=") for d in differences) else "")
         raise ValueError(
-            f"{run_dir} holds a run with a different config (hash {record.get('config_hash')} vs "
-            f"{config_hash(config)}); remove it or choose another folder with hydra.run.dir=…"
+            f"{run_dir} holds a run with a different config ({shown or 'hash ' + str(record.get('config_hash')) + ' vs ' + config_hash(config)})"
+            f"{where}; remove it or choose another folder with hydra.run.dir=…"
         )
     adapter = Path(run_dir) / ADAPTER_DIR
     if record.get("status") == "completed":

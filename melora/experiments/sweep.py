@@ -88,10 +88,14 @@ def with_chosen_lr(spec: dict, runs: list[RunSpec], profile: str, extra: list[st
 
 
 def grid_key(config: dict) -> str:
-    """What a learning-rate grid varies over: the hash of a resolved run config without its lr, seed and folder."""
+    """What a learning-rate grid varies over: the hash of a resolved run config without its lr, seed and folders.
+
+    The data folder's path is left out too: records trained from another checkout (or with the
+    data elsewhere) still count for the grid they belong to.
+    """
     from melora.experiments.runs import config_hash
 
-    keep = {k: v for k, v in config.items() if k not in ("seed", "run_dir")}
+    keep = {k: v for k, v in config.items() if k not in ("seed", "run_dir", "data_dir")}
     keep["task"] = {k: v for k, v in (keep.get("task") or {}).items() if k != "lr"}
     if isinstance(keep.get("selection"), dict):
         keep["selection"] = {k: v for k, v in keep["selection"].items() if k != "folder"}

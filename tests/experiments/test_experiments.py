@@ -216,3 +216,34 @@ def test_spec_cost_sums_the_complete_runs_of_a_spec(tmp_path):
     cost = spec_cost("table4", "smoke", [f"runs_root={tmp_path}"])
     assert cost == {"spec": "table4", "runs": len(every), "complete": 2, "waiting": 0, "summed_min": 6.0, "median_min": 3.0}
     assert f"| table4 | {len(every)} | 2 | 0 | 0.1 h | 3.0 min |" in cost_table(["table4"], "smoke", [f"runs_root={tmp_path}"])
+
+
+def test_config_differences_name_the_settings_and_skip_cosmetic_keys():
+    from melora.experiments.runs import config_differences
+
+    recorded = {"task": {"lr": 0.001, "epochs": 2}, "data_dir": "/a/data", "runs_root": "runs", "seed": 0}
+    config = {"task": {"lr": 0.003, "epochs": 2}, "data_dir": "/b/data", "runs_root": "elsewhere", "seed": 0, "new": 1}
+    assert config_differences(recorded, config) == ["data_dir=/a/data (recorded) vs /b/data", "new=<unset> (recorded) vs 1",
+                                                    "task.lr=0.001 (recorded) vs 0.003"]
+
+
+def test_a_grid_reads_records_trained_with_the_data_elsewhere():
+    from melora.experiments.sweep import grid_key
+
+    config = {"task": {"lr": 0.001, "epochs": 2}, "data_dir": "/a/data", "seed": 0, "run_dir": "x"}
+    moved = {"task": {"lr": 0.003, "epochs": 2}, "data_dir": "/b/data", "seed": 1, "run_dir": "y"}
+    assert grid_key(config) == grid_key(moved)
+    assert grid_key(config) != grid_key({**config, "task": {"lr": 0.001, "epochs": 3}})
+
+
+def test_a_run_folder_trained_with_the_data_elsewhere_says_how_to_resume_it(tmp_path):
+    import json
+
+    from melora.experiments.runs import config_hash
+    from melora.experiments.scaffold import check_run_dir
+
+    recorded = {"task": {"lr": 0.001}, "data_dir": "/a/data", "seed": 0}
+    (tmp_path / "record.json").write_text(json.dumps({"config": recorded, "config_hash": config_hash(recorded), "status": "running"}))
+    assert check_run_dir(tmp_path, recorded) is not None
+    with pytest.raises(ValueError, match=r"data_dir=/a/data \(recorded\) vs /b/data\) \(the data folder .* MELORA_DATA_DIR"):
+        check_run_dir(tmp_path, {**recorded, "data_dir": "/b/data"})

@@ -127,7 +127,7 @@ def test_rerun_of_a_completed_run_is_skipped(tmp_path):
     assert proc.returncode == 0 and "already complete" in proc.stderr + proc.stdout
     assert (tmp_path / "record.json").stat().st_mtime_ns == stamp
     proc = run_glue(tmp_path, "task=glue/rte", "method=lora", "task.epochs=2", "task.max_train_samples=16", "task.max_eval_samples=16")
-    assert proc.returncode != 0 and "holds a run with a different config" in proc.stderr
+    assert proc.returncode != 0 and "holds a run with a different config (task.epochs=1 (recorded) vs 2)" in proc.stderr
 
 
 def test_killed_run_resumes_to_the_same_result(tmp_path):
