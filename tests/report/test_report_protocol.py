@@ -172,3 +172,23 @@ def test_selection_signal_table_shows_what_each_metric_would_pick():
     assert row["setting"] == "LoRA r=8" and row["dev"] == "76.7 / 78.6 / 79.7" and row["held-out"] == "86.5 / 86.8 / 86.2"
     assert (row["held-out picks"], row["dev would pick"]) == ("0.001", "0.003")
     assert row["dev spread"] == "3.0" and row["held-out spread"] == "0.6"
+
+
+def test_forest_plot_keeps_long_labels_inside_the_figure():
+    from melora.experiments.report.protocol import SCALING_BY_N, forest_plot
+
+    records = []
+    for s in range(3):
+        for n in (2, 8, 16):
+            for scaling in ("per_mini", "equivalent"):
+                mc = {"method": "melora", "n": n, "r": 1, "scaling": scaling}
+                records.append(dict(record("sst2", "melora", 1e-3, s, 0.8, 0.8 + n / 1000 + s / 100, n=n, r=1),
+                                    method_config=mc, name=f"{n}{scaling}{s}"))
+    fig = forest_plot(build(records, layout=SCALING_BY_N))
+    renderer = fig.canvas.get_renderer()
+    ax = fig.axes[0]
+    texts = [ax.title, ax.xaxis.label, *ax.get_yticklabels()]
+    assert "(equivalent) − MELoRA n=2 r=1 (equivalent)" in ax.get_yticklabels()[0].get_text()
+    width = fig.bbox.width
+    assert all(0 <= t.get_window_extent(renderer).x0 and t.get_window_extent(renderer).x1 <= width for t in texts)
+    assert ax.get_window_extent(renderer).width > 0.3 * width  # the axes are not squeezed by the labels

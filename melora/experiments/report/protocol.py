@@ -25,6 +25,7 @@ Rows and settings come from each record's ``method_config``, never from tags.
 from __future__ import annotations
 
 import math
+import textwrap
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Callable
@@ -463,13 +464,6 @@ def forest_plot(table: HeldoutTable):
              if c.versus_reference is not None and c.versus_reference.mean is not None]
     if not lines:
         return None
-    fig, ax = plt.subplots(figsize=(8.5, 0.32 * len(lines) + 1.4))
-    colours = {"better": "tab:green", "worse": "tab:red"}
-    for y, (row, task, d) in enumerate(reversed(lines)):
-        colour = colours.get(d.verdict, "tab:grey")
-        if d.ci is not None:
-            ax.plot(d.ci, [y, y], color=colour, lw=2)
-        ax.plot([d.mean], [y], "o", color=colour)
     refs = table.layout.references
     single = table.layout.single_reference
 
@@ -477,12 +471,26 @@ def forest_plot(table: HeldoutTable):
         versus = "" if single else f" − {refs[row]}"
         return f"{row}{versus} · {GLUE_LABELS.get(task, task)} ({len(d.seeds)} seed{'s' if len(d.seeds) != 1 else ''})"
 
-    ax.set_yticks(range(len(lines)), [label(row, task, d) for row, task, d in reversed(lines)])
+    labels = [label(row, task, d) for row, task, d in reversed(lines)]
+    # Sized to the row labels (about 0.075 in a character at 10 pt), so long ones do not squeeze the axes;
+    # the title and axis label wrap to the axes' width (about 0.062 in a character at 9 pt).
+    label_in = 0.075 * max(map(len, labels))
+    width = max(8.5, label_in + 4.5)
+    columns = max(40, int((width - label_in - 0.5) / 0.062))
+    fig, ax = plt.subplots(figsize=(width, 0.32 * len(lines) + 1.6))
+    colours = {"better": "tab:green", "worse": "tab:red"}
+    for y, (row, task, d) in enumerate(reversed(lines)):
+        colour = colours.get(d.verdict, "tab:grey")
+        if d.ci is not None:
+            ax.plot(d.ci, [y, y], color=colour, lw=2)
+        ax.plot([d.mean], [y], "o", color=colour)
+    ax.set_yticks(range(len(lines)), labels)
     ax.axvline(0, color="black", lw=0.8)
     versus = table.layout.against
     protocol = table.layout.protocol
-    ax.set_xlabel(f"{protocol.reported_label} ×100: paired difference to {versus}, 95 % t CI over seeds", fontsize=9)
-    ax.set_title(f"{protocol.title}; green: better, red: worse, grey: no detectable difference", fontsize=9)
+    interval = "95\u00a0%\u00a0t\u00a0CI over seeds"  # no break inside "95 % t CI"
+    ax.set_xlabel(textwrap.fill(f"{protocol.reported_label} ×100: paired difference to {versus}, {interval}", columns), fontsize=9)
+    ax.set_title(textwrap.fill(f"{protocol.title}; green: better, red: worse, grey: no detectable difference", columns), fontsize=9)
     fig.tight_layout()
     return fig
 
