@@ -69,7 +69,19 @@ def run_spectra(record: dict, threshold: float = 0.1, base_model: BaseModelFacto
         if exported.is_file():
             return spectra_from_file(exported, threshold)
         raise FileNotFoundError(f"{record['run_dir']} has no adapter/ folder (the run saves its best adapter there) and no {SPECTRA_FILE}")
-    model = load_adapter((base_model or glue_base_model)(record), adapter)
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    # One base model per run: its load report (the fresh classifier head is expected) and bar are noise here.
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        base = (base_model or glue_base_model)(record)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+    model = load_adapter(base, adapter)
     # SVDs of attention-sized matrices gain nothing from threads, and on shared cores
     # OpenMP's spin-waiting makes them ~100x slower (seconds per 384x384 matrix).
     threads = torch.get_num_threads()
