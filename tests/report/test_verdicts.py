@@ -289,3 +289,26 @@ def test_heldout_tables_are_unchanged(tmp_path):
     assert len(tables) == 12  # table2, table4 (md, csv, tex each), their lr sensitivity (md, csv each), the selection signal (md, csv)
     for path in tables:
         assert path.read_bytes() == (ROOT / "results" / "tables" / path.name).read_bytes(), path.name
+
+
+def test_selection_signal_shows_what_validation_picks_and_never_reads_test_to_pick():
+    import csv
+    import io
+
+    records = grid(tasks=("sst2",))
+    markdown, table = verdicts.selection_signal(records)
+    rows = list(csv.DictReader(io.StringIO(table)))
+    lines = verdicts.curves(records, "sst2")
+    assert [r["line"] for r in rows] == list(lines)  # one row per Table 2 line
+    for r in rows:
+        chosen = lines[r["line"]].chosen
+        assert chosen is None or r["validation picks"] == verdicts.lr_text(chosen)  # the lr the table chose
+        assert r["seeds"] == "3" and r["margin s.e."] != "—"
+    lora = next(r for r in rows if r["line"] == "LoRA r=8")
+    assert (lora["validation picks"], lora["test would pick"]) == ("3e-3", "1e-2")  # the test half peaks half a decade higher
+    flipped = [dict(r, best_metrics={**r["best_metrics"], f"test_{r['metric']}": -r["best_metrics"][f"test_{r['metric']}"]})
+               if r.get("status") == "completed" else r for r in records]
+    again = list(csv.DictReader(io.StringIO(verdicts.selection_signal(flipped)[1])))
+    assert [r["validation picks"] for r in again] == [r["validation picks"] for r in rows]
+    assert "ranks first the lr the test half ranks first in" in markdown
+    assert verdicts.selection_signal([record("sst2", "lora_r8", 1e-3, 0, 0.8, 0.8)]) is None  # one lr: nothing to rank

@@ -197,7 +197,8 @@ def _verdicts(records: list[dict], out: Path, model: str | None, log: Callable[[
 
     ``tables/table{2,4}_verdicts.{md,csv,tex}`` with ``figures/table{2,4}_verdicts_forest.{png,pdf}``,
     ``figures/lr_sensitivity_<task>.{png,pdf}`` with ``tables/lr_sensitivity.{md,csv}`` and
-    ``tables/lr_sensitivity_summary.md`` (each task's lines against LoRA r=8 in words, for the README), and
+    ``tables/lr_sensitivity_summary.md`` (each task's lines against LoRA r=8 in words, for the README),
+    ``tables/devhalves_selection_signal.{md,csv}`` (whether the validation half can rank each line's lrs), and
     ``tables/verdicts_long.{md,csv}`` when runs trained for the longer epochs (else skipped with a message).
 
     Raises:
@@ -239,6 +240,12 @@ def _verdicts(records: list[dict], out: Path, model: str | None, log: Callable[[
         atomic_write_text(written["lr_sensitivity"][1], csv)
         atomic_write_text(written["lr_sensitivity"][2], summary)
         log("lr_sensitivity: " + ", ".join(map(str, written["lr_sensitivity"])))
+    signal = verdicts.selection_signal(records, epochs)
+    if signal is not None:
+        written["devhalves_selection_signal"] = [tables / "devhalves_selection_signal.md", tables / "devhalves_selection_signal.csv"]
+        for path, text in zip(written["devhalves_selection_signal"], signal):
+            atomic_write_text(path, text)
+        log("devhalves_selection_signal: " + ", ".join(map(str, written["devhalves_selection_signal"])))
     long = verdicts.long_rows(records, epochs)
     if long is None:
         log(f"verdicts_long: no run of {', '.join(verdicts.LONG_TASKS)} trained for {verdicts.LONG_FACTOR}x the default epochs; skipped")

@@ -365,6 +365,59 @@ def lr_sensitivity(records: list[dict], epochs: int | dict[str, int] | None = No
     return figures, protocol.markdown_table(header, body, text), protocol.csv_table(header, body), lr_summary(lines_by_task)
 
 
+# ---- can the validation half make the choice? ---------------------------------------------------------------------
+
+SIGNAL_NOTE = (
+    "Can the validation half choose the learning rate? Each Table 2 line (dev-halves protocol) over the seeds every lr of it "
+    "has: mean validation-half and test-half metric ×100 at each lr, the lr each half ranks first (ties to the smaller lr; "
+    "the test half never chooses, it is shown only as a check), and the validation margin of the chosen lr over the "
+    "runner-up with its standard error over seeds (paired by seed; '—' with one seed). {summary}"
+)
+
+
+def _signal_line(curve: Curve) -> list[str] | None:
+    """One row of the signal table for ``curve``; ``None`` with fewer than two lrs or no seed that every lr has."""
+    lrs = sorted(curve.points)
+    seeds = set.intersection(*(set(curve.points[lr][0].seeds) for lr in lrs)) if lrs else set()
+    if len(lrs) < 2 or not seeds:
+        return None
+    val = [ranked(protocol.mean_on(curve.points[lr][0], seeds)) for lr in lrs]
+    test = [ranked(protocol.mean_on(curve.points[lr][1], seeds)) for lr in lrs]
+    order = sorted(range(len(lrs)), key=lambda i: (-val[i], i))
+    best, runner = order[0], order[1]
+    test_best = min(range(len(lrs)), key=lambda i: (-test[i], i))
+    by_seed = [{seed: v for v, seed in zip(curve.points[lrs[i]][0].values, curve.points[lrs[i]][0].seeds)} for i in (best, runner)]
+    diffs = [by_seed[0][seed] - by_seed[1][seed] for seed in sorted(seeds)]
+    margin = val[best] - val[runner]
+    finite = all(math.isfinite(d) for d in diffs) and math.isfinite(margin)
+    se = (math.sqrt(sum((d - sum(diffs) / len(diffs)) ** 2 for d in diffs) / (len(diffs) - 1)) / math.sqrt(len(diffs))
+          if finite and len(diffs) > 1 else None)
+
+    def show(values: list[float]) -> str:
+        return " / ".join(f"{v:.1f}" if math.isfinite(v) else "collapsed" for v in values)
+
+    return [curve.label, str(len(seeds)), " / ".join(lr_text(lr) for lr in lrs), show(val), show(test), lr_text(lrs[best]),
+            lr_text(lrs[test_best]), f"{margin:.1f}" if finite else "—", f"{se:.1f}" if se is not None else "—"]
+
+
+def selection_signal(records: list[dict], epochs: int | dict[str, int] | None = None) -> tuple[str, str] | None:
+    """The signal table as Markdown (with its note) and CSV; ``None`` when no line has two lrs."""
+    cells, table = _line_cells(records, _epochs(records, epochs))
+    header = ["task", "line", "seeds", "lrs", "validation", "test", "validation picks", "test would pick", "margin", "margin s.e."]
+    body = [[GLUE_LABELS.get(task, task), *line] for task in tasks_of(records)
+            for curve in _curves(cells, table, task).values() if (line := _signal_line(curve))]
+    if not body:
+        return None
+    agree = sum(b[6] == b[7] for b in body)
+    resolved = [b for b in body if b[9] != "—"]
+    clear = sum(float(b[8]) > 2 * float(b[9]) for b in resolved)
+    summary = (f"The validation half ranks first the lr the test half ranks first in {agree} of {len(body)} lines; its margin "
+               f"exceeds twice its standard error in {clear} of the {len(resolved)} lines with two or more seeds (a rough check: "
+               f"with few seeds the standard error is itself uncertain).")
+    note = SIGNAL_NOTE.format(summary=summary)
+    return protocol.markdown_table(header, body, note), protocol.csv_table(header, body)
+
+
 # ---- longer training -----------------------------------------------------------------------------------------------
 
 LONG_NOTE = (
