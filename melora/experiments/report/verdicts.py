@@ -23,6 +23,7 @@ reference row.
 from __future__ import annotations
 
 import math
+import statistics
 from dataclasses import dataclass, replace
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -390,8 +391,7 @@ def _signal_line(curve: Curve) -> list[str] | None:
     diffs = [by_seed[0][seed] - by_seed[1][seed] for seed in sorted(seeds)]
     margin = val[best] - val[runner]
     finite = all(math.isfinite(d) for d in diffs) and math.isfinite(margin)
-    se = (math.sqrt(sum((d - sum(diffs) / len(diffs)) ** 2 for d in diffs) / (len(diffs) - 1)) / math.sqrt(len(diffs))
-          if finite and len(diffs) > 1 else None)
+    se = statistics.stdev(diffs) / math.sqrt(len(diffs)) if finite and len(diffs) > 1 else None
 
     def show(values: list[float]) -> str:
         return " / ".join(f"{v:.1f}" if math.isfinite(v) else "collapsed" for v in values)
