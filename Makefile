@@ -135,9 +135,9 @@ figures-heldout: $(VENV)/.installed ## Figures 4-5, held-out protocol: lr grid, 
 .PHONY: glue-verdicts
 glue-verdicts: $(VENV)/.installed ## Tables 2 and 4, dev-halves protocol: bracketing lr grids, lr and n chosen on the validation half, test half reported -> results/tables/table{2,4}_verdicts.*, lr_sensitivity.*, figures/lr_sensitivity_*
 	$(SWEEP) verdicts --profile $(PROFILE) runs_root=$(RUNS)
+	$(SWEEP) verdicts_long --profile $(PROFILE) runs_root=$(RUNS)
 	$(SWEEP) verdicts_baselines --profile $(PROFILE) runs_root=$(RUNS)
 	$(SWEEP) verdicts_table4 --profile $(PROFILE) runs_root=$(RUNS)
-	$(SWEEP) verdicts_long --profile $(PROFILE) runs_root=$(RUNS)
 	$(RESULTS) --only verdicts
 
 .PHONY: scaling-study
