@@ -198,13 +198,14 @@ def _verdicts(records: list[dict], out: Path, model: str | None, log: Callable[[
     ``tables/table{2,4}_verdicts.{md,csv,tex}`` with ``figures/table{2,4}_verdicts_forest.{png,pdf}``,
     ``figures/lr_sensitivity_<task>.{png,pdf}`` with ``tables/lr_sensitivity.{md,csv}`` and
     ``tables/lr_sensitivity_summary.md`` (each task's lines against LoRA r=8 in words, for the README),
-    ``tables/devhalves_selection_signal.{md,csv}`` (whether the validation half can rank each line's lrs), and
+    ``tables/devhalves_selection_signal.{md,csv}`` (whether the validation half can rank each line's lrs),
+    ``tables/constant_prediction.{md,csv}`` (what predicting one class scores on each test half: the floor), and
     ``tables/verdicts_long.{md,csv}`` when runs trained for the longer epochs (else skipped with a message).
 
     Raises:
         ValueError: the runs hold several models and ``model`` does not choose one.
     """
-    from melora.experiments.report import protocol, verdicts
+    from melora.experiments.report import chance, protocol, verdicts
     from melora.experiments.report.records import single_value
     from melora.files import atomic_write_text
 
@@ -246,6 +247,12 @@ def _verdicts(records: list[dict], out: Path, model: str | None, log: Callable[[
         for path, text in zip(written["devhalves_selection_signal"], signal):
             atomic_write_text(path, text)
         log("devhalves_selection_signal: " + ", ".join(map(str, written["devhalves_selection_signal"])))
+    found = chance.floors(records)
+    if found:
+        written["constant_prediction"] = [tables / "constant_prediction.md", tables / "constant_prediction.csv"]
+        atomic_write_text(written["constant_prediction"][0], protocol.markdown_table(*chance.floor_rows(found), chance.NOTE))
+        atomic_write_text(written["constant_prediction"][1], protocol.csv_table(*chance.floor_rows(found)))
+        log("constant_prediction: " + ", ".join(map(str, written["constant_prediction"])))
     long = verdicts.long_rows(records, epochs)
     if long is None:
         log(f"verdicts_long: no run of {', '.join(verdicts.LONG_TASKS)} trained for {verdicts.LONG_FACTOR}x the default epochs; skipped")

@@ -4,7 +4,10 @@ Below the grid, each method's verdicts in words (:func:`in_words`). It is a view
 the dev-halves protocol; ``tables/table2_heldout.csv`` only where no dev-halves
 table exists), so it holds no number of its own. Its note says which protocol,
 and, while the dev-halves sweep is still running, that the cells are
-provisional and how many are settled.
+provisional and how many are settled. Last, for scale (:func:`for_scale`):
+LoRA r=8's own test-half score and what a constant prediction scores
+(``tables/constant_prediction.csv``), so that a verdict on a task neither
+adapter learned is read as such.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from melora.experiments.report.protocol import markdown_table
 REFERENCE = "LoRA r=8"
 DEV_HALVES = "table2_verdicts.csv"
 HELDOUT = "table2_heldout.csv"
+CONSTANT = "constant_prediction.csv"  # melora.experiments.report.chance: what one class for every example scores
 
 NOTE_DEV_HALVES = (
     "Paired difference to LoRA r=8 on the GLUE dev set's test half (×100, same seeds, 95 % t interval) and the verdict; "
@@ -91,6 +95,19 @@ def in_words(rows: list[dict[str, str]]) -> str:
     return "\n".join(bullets) + "\n"
 
 
+def for_scale(rows: list[dict[str, str]], constant: list[dict[str, str]]) -> str:
+    """One sentence: LoRA r=8's test-half mean and a constant prediction's score per task, ``""`` without either."""
+    reference = {r["task"]: r["test mean ± std"].split(" ±")[0] for r in rows if r["method"] == REFERENCE and r["test mean ± std"] not in ("", "—")}
+    floor = {r["task"]: r["test half ×100"] for r in constant}
+    tasks = [t for t in dict.fromkeys(r["task"] for r in rows) if t in reference and t in floor]
+    if not tasks:
+        return ""
+    return (f"For scale, on the test half (×100): {REFERENCE} at its chosen lr scores "
+            + ", ".join(f"{t} {reference[t]}" for t in tasks)
+            + "; predicting the validation half's most frequent class for every example scores "
+            + ", ".join(f"{t} {floor[t]}" for t in tasks) + " (`constant_prediction.md`; a correlation is 0 for any constant).\n")
+
+
 def headline(tables: Path, wanted_seeds: int | None = None) -> str | None:
     """The headline table's Markdown from the Table 2 files in ``tables``; ``None`` when neither exists.
 
@@ -102,7 +119,9 @@ def headline(tables: Path, wanted_seeds: int | None = None) -> str | None:
         done, progress = settled(rows, wanted_seeds)
         seeds = f"up to {max(int(r['seeds']) for r in rows)} seeds per cell"
         status = "" if done else PROVISIONAL.format(progress=progress)
-        return markdown_table(*pivot(rows), NOTE_DEV_HALVES.format(seeds=seeds, status=status)) + "\n" + in_words(rows)
+        scale = for_scale(rows, read_rows(tables / CONSTANT)) if (tables / CONSTANT).is_file() else ""
+        return (markdown_table(*pivot(rows), NOTE_DEV_HALVES.format(seeds=seeds, status=status)) + "\n" + in_words(rows)
+                + (f"\n{scale}" if scale else ""))
     if (tables / HELDOUT).is_file():
         rows = read_rows(tables / HELDOUT)
         seeds = f"up to {max(int(r['seeds']) for r in rows)} seeds per cell"

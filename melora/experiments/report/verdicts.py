@@ -34,6 +34,8 @@ from matplotlib.ticker import FixedLocator, NullLocator
 from melora.adapters import config_from_dict
 from melora.experiments.report import protocol
 from melora.experiments.report.bracket import ranked
+from melora.experiments.report.chance import Floor, floors
+from melora.experiments.report.chance import in_words as floors_in_words
 from melora.experiments.report.paper import GLUE_LABELS, GLUE_ORDER, METRIC_NAMES
 from melora.experiments.report.protocol import DEV_HALVES, REFERENCE, TABLE4, HeldoutTable, Layout, choice_columns, choice_header, lr_text
 from melora.experiments.report.records import selection_of
@@ -237,13 +239,15 @@ def dominance_text(lines: dict[str, Curve], reference: str = REFERENCE) -> str:
     return "; ".join(parts)
 
 
-def lr_figure(lines: dict[str, Curve], task: str, metric: str = "") -> Figure | None:
+def lr_figure(lines: dict[str, Curve], task: str, metric: str = "", floor: Floor | None = None) -> Figure | None:
     """The test-half metric ×100 against lr (log axis) on ``task``, one line per setting.
 
     Each line is the mean over seeds with its 95 % t interval as a band; its chosen lr (on validation)
     is a large filled marker (a star where the best-of-n row chose it); an lr where a seed collapsed is
     a cross at the bottom, not joined. Baselines other than LoRA are dashed. The caption says which
-    MELoRA lines are above LoRA r=8 at every lr. ``None`` when there are no lines.
+    MELoRA lines are above LoRA r=8 at every lr, and what a constant prediction scores (``floor``,
+    :mod:`melora.experiments.report.chance`), drawn as a dotted line where it is near the curves.
+    ``None`` when there are no lines.
     """
     if not lines:
         return None
@@ -269,6 +273,10 @@ def lr_figure(lines: dict[str, Curve], task: str, metric: str = "") -> Figure | 
             marker, size = ("*", 15) if curve.best_of_n else ("o", 11)
             ax.plot([curve.chosen], [curve.test_mean(curve.chosen)], marker, markersize=size, color=colour, markeredgecolor="black",
                     linestyle="none", zorder=5, gid=f"chosen:{label}")
+    if floor is not None:
+        low, high = ax.get_ylim()
+        if low - 0.25 * (high - low) <= floor.value <= high:  # further below, it would squash the curves
+            ax.axhline(floor.value, color="black", linestyle=":", linewidth=1, gid="constant", label="constant prediction")
     ax.set_xscale("log")
     ticks = sorted(all_lrs)
     ax.xaxis.set_major_locator(FixedLocator(ticks))
@@ -286,7 +294,10 @@ def lr_figure(lines: dict[str, Curve], task: str, metric: str = "") -> Figure | 
                 Line2D([], [], marker="x", markersize=8, markeredgewidth=2, color="grey", linestyle="none", label="a seed collapsed")]
     ax.legend(handles=handles, fontsize="x-small", loc="best")
     caption = dominance_text(lines)
-    fig.supxlabel(_wrap(f"At the lrs both ran (mean over common seeds): {caption}." if caption else "", 120), fontsize=7)
+    caption = f"At the lrs both ran (mean over common seeds): {caption}." if caption else ""
+    if floor is not None:
+        caption += f" A constant prediction ({floor.prediction}: the validation half's most frequent class) scores {floor.value:.1f}."
+    fig.supxlabel(_wrap(caption.strip(), 120), fontsize=7)
     return fig
 
 
@@ -359,10 +370,13 @@ def lr_sensitivity(records: list[dict], epochs: int | dict[str, int] | None = No
     """
     cells, table = _line_cells(records, _epochs(records, epochs))
     lines_by_task = {task: lines for task in tasks_of(records) if (lines := _curves(cells, table, task))}
-    figures = {task: lr_figure(lines, task, metric_of(records, task)) for task, lines in lines_by_task.items()}
+    found = floors(records)
+    figures = {task: lr_figure(lines, task, metric_of(records, task), found.get(task)) for task, lines in lines_by_task.items()}
     header, body = lr_rows(lines_by_task)
     text = LR_NOTE + "".join(f" {GLUE_LABELS.get(task, task)}: {words}." for task, lines in lines_by_task.items()
                              if (words := dominance_text(lines)))
+    if found:
+        text += f" A constant prediction (the validation half's most frequent class) scores on the test half: {floors_in_words(found)}."
     return figures, protocol.markdown_table(header, body, text), protocol.csv_table(header, body), lr_summary(lines_by_task)
 
 
