@@ -230,7 +230,8 @@ def _verdicts(records: list[dict], out: Path, model: str | None, log: Callable[[
         note = (verdicts.note(layout) + _provenance(kept) + protocol.data_note(in_rows, protocol.DEV_HALVES_SIZES)
                 + (f" Diverged runs (ranked lowest): {diverged}." if diverged else ""))
         written.update(_write_protocol_table(table, note, tables, f"{layout.name}_forest", log))
-    lr_figures, markdown, csv, summary = verdicts.lr_sensitivity(records, epochs)
+    found = chance.floors(records)
+    lr_figures, markdown, csv, summary = verdicts.lr_sensitivity(records, epochs, found)
     for task, fig in lr_figures.items():
         name = f"lr_sensitivity_{task}"
         written[name] = save_figure(fig, figures, name)
@@ -247,11 +248,11 @@ def _verdicts(records: list[dict], out: Path, model: str | None, log: Callable[[
         for path, text in zip(written["devhalves_selection_signal"], signal):
             atomic_write_text(path, text)
         log("devhalves_selection_signal: " + ", ".join(map(str, written["devhalves_selection_signal"])))
-    found = chance.floors(records)
     if found:
+        rows = chance.floor_rows(found)
         written["constant_prediction"] = [tables / "constant_prediction.md", tables / "constant_prediction.csv"]
-        atomic_write_text(written["constant_prediction"][0], protocol.markdown_table(*chance.floor_rows(found), chance.NOTE))
-        atomic_write_text(written["constant_prediction"][1], protocol.csv_table(*chance.floor_rows(found)))
+        atomic_write_text(written["constant_prediction"][0], protocol.markdown_table(*rows, chance.NOTE))
+        atomic_write_text(written["constant_prediction"][1], protocol.csv_table(*rows))
         log("constant_prediction: " + ", ".join(map(str, written["constant_prediction"])))
     long = verdicts.long_rows(records, epochs)
     if long is None:

@@ -77,8 +77,7 @@ def constant_floor(task: str, labels: np.ndarray, selection: dict) -> Floor:
         return Floor(task, metric, 0.0, "any constant", len(test))
     majority = int(np.bincount(labels[validation].astype(np.int64)).argmax())
     value = glue_metrics(task, np.full(len(test), majority), labels[test])[metric]
-    name = spec.label_names[majority].replace("_", " ") if majority < len(spec.label_names) else str(majority)
-    return Floor(task, metric, 100 * value, f"always '{name}'", len(test))
+    return Floor(task, metric, 100 * value, f"always '{spec.label_names[majority].replace('_', ' ')}'", len(test))
 
 
 def floors(records: list[dict]) -> dict[str, Floor]:

@@ -361,8 +361,12 @@ def lr_summary(lines_by_task: dict[str, dict[str, Curve]]) -> str:
     return LR_SUMMARY_NOTE + "\n\n" + "\n".join(bullets) + "\n" if bullets else ""
 
 
-def lr_sensitivity(records: list[dict], epochs: int | dict[str, int] | None = None) -> tuple[dict[str, Figure], str, str, str]:
+def lr_sensitivity(records: list[dict], epochs: int | dict[str, int] | None = None,
+                   found: dict[str, Floor] | None = None) -> tuple[dict[str, Figure], str, str, str]:
     """Every lr figure and their table, at ``epochs`` (default: each task's fewest).
+
+    ``found``: each task's constant-prediction floor (:func:`~melora.experiments.report.chance.floors`,
+    read from the records when not given).
 
     Returns:
         Task → its figure, the table as Markdown (with its note and each task's dominance line) and as CSV,
@@ -370,7 +374,7 @@ def lr_sensitivity(records: list[dict], epochs: int | dict[str, int] | None = No
     """
     cells, table = _line_cells(records, _epochs(records, epochs))
     lines_by_task = {task: lines for task in tasks_of(records) if (lines := _curves(cells, table, task))}
-    found = floors(records)
+    found = floors(records) if found is None else found
     figures = {task: lr_figure(lines, task, metric_of(records, task), found.get(task)) for task, lines in lines_by_task.items()}
     header, body = lr_rows(lines_by_task)
     text = LR_NOTE + "".join(f" {GLUE_LABELS.get(task, task)}: {words}." for task, lines in lines_by_task.items()
