@@ -52,3 +52,42 @@ def test_long_runs_wait_for_settled_choices_then_take_the_chosen_lr_and_n(tmp_pa
     fake_verdicts_runs(tmp_path, seeds=(1,))
     assert long_runs(tmp_path) == [("lora", "-", 1e-3), ("lora", "-", 3e-3), ("lora", "-", 1e-2),
                                    ("melora", "4", 1e-3), ("melora", "4", 3e-3), ("melora", "4", 1e-2)]
+
+
+LONG_CSV = (
+    "task,method,epochs,chosen,lr,lr at grid edge,lrs tried,seeds,validation,test mean ± std,test 95% CI,"
+    "Δ vs LoRA r=8 (paired),Δ 95% CI,verdict\n"
+    'SST-2,LoRA r=8,2,-,3e-3,—,"1e-3, 3e-3, 1e-2",5,82.5,80.8 ± 0.2,"[79.4, 82.3]",—,—,reference\n'
+    'SST-2,MELoRA r=1,2,n=8,3e-3,—,"1e-3, 3e-3, 1e-2",5,81.0,79.0 ± 0.5,"[78.0, 80.0]",-1.8,"[-3.0, -0.6]",worse\n'
+    'SST-2,LoRA r=8,6,-,1e-3,—,"3e-4, 1e-3, 3e-3",5,83.0,81.5 ± 0.3,"[81.0, 82.0]",—,—,reference\n'
+    'SST-2,MELoRA n=8 r=1,6,-,3e-3,—,"1e-3, 3e-3, 1e-2",{seeds},82.0,80.9 ± 0.4,"[80.0, 81.8]",-0.6,"[-1.5, 0.3]",{verdict}\n'
+)
+
+
+def test_the_headline_says_whether_longer_training_keeps_the_verdict(tmp_path):
+    import csv
+    import io
+
+    from melora.experiments.report.headline import headline, longer_training
+
+    rows = list(csv.DictReader(io.StringIO(LONG_CSV.format(seeds=5, verdict="no detectable difference"))))
+    text = longer_training(rows, wanted=5)
+    assert "Provisional" not in text
+    assert ("- SST-2, MELoRA r=1 (n=8) against LoRA r=8: 2 epochs -1.8 [-3.0, -0.6] worse (lr 3e-3, 5 seeds); "
+            "6 epochs -0.6 [-1.5, 0.3] no detectable difference (lr 3e-3, 5 seeds): the verdict changes.") in text
+    rows[3]["verdict"] = "worse"
+    assert text != longer_training(rows, wanted=5) and "worse (lr 3e-3, 5 seeds): the same verdict." in longer_training(rows, wanted=5)
+    rows[3].update({"verdict": "too few seeds", "seeds": "1", "Δ vs LoRA r=8 (paired)": "—"})
+    few = longer_training(rows, wanted=5)
+    assert "6 epochs: too few seeds (1 seed): no verdict to compare yet." in few
+    assert "Provisional: the longer runs are still being trained (1 of 2 lines with 5 seeds and a settled grid)." in few
+    assert longer_training(rows[:2]) == ""  # only the default epochs: nothing to say
+
+    table2 = tmp_path / "table2_verdicts.csv"
+    table2.write_text("method,task,chosen,lr,lr at grid edge,lrs tried,seeds,validation,test mean ± std,test 95% CI,"
+                      "Δ vs LoRA r=8 (paired),Δ 95% CI,verdict\n" + "\n".join(
+                          line.replace("SST-2,LoRA r=8,2,", "LoRA r=8,SST-2,").replace("SST-2,MELoRA r=1,2,", "MELoRA r=1,SST-2,")
+                          for line in LONG_CSV.splitlines()[1:3]) + "\n")
+    assert "Does more training" not in headline(tmp_path)
+    (tmp_path / "verdicts_long.csv").write_text(LONG_CSV.format(seeds=5, verdict="no detectable difference"))
+    assert headline(tmp_path, 5).endswith("(lr 3e-3, 5 seeds): the verdict changes.\n")

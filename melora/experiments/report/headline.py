@@ -4,10 +4,12 @@ Below the grid, each method's verdicts in words (:func:`in_words`). It is a view
 the dev-halves protocol; ``tables/table2_heldout.csv`` only where no dev-halves
 table exists), so it holds no number of its own. Its note says which protocol,
 and, while the dev-halves sweep is still running, that the cells are
-provisional and how many are settled. Last, for scale (:func:`for_scale`):
+provisional and how many are settled. Then, for scale (:func:`for_scale`):
 LoRA r=8's own test-half score and what a constant prediction scores
 (``tables/constant_prediction.csv``), so that a verdict on a task neither
-adapter learned is read as such.
+adapter learned is read as such. Last, once runs trained longer exist
+(``tables/verdicts_long.csv``), whether MELoRA r=1's verdict against LoRA r=8
+is the same after longer training (:func:`longer_training`).
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ REFERENCE = "LoRA r=8"
 DEV_HALVES = "table2_verdicts.csv"
 HELDOUT = "table2_heldout.csv"
 CONSTANT = "constant_prediction.csv"  # melora.experiments.report.chance: what one class for every example scores
+LONG = "verdicts_long.csv"  # melora.experiments.report.verdicts.long_rows: the default and the longer epochs
+VERDICTS = ("better", "worse", "no detectable difference")  # the verdicts that compare; the rest say why none was made
 
 NOTE_DEV_HALVES = (
     "Paired difference to LoRA r=8 on the GLUE dev set's test half (×100, same seeds, 95 % t interval) and the verdict; "
@@ -108,6 +112,43 @@ def for_scale(rows: list[dict[str, str]], constant: list[dict[str, str]]) -> str
             + ", ".join(f"{t} {floor[t]}" for t in tasks) + " (`constant_prediction.md`; a correlation is 0 for any constant).\n")
 
 
+def _at_epochs(r: dict[str, str], epochs: int) -> str:
+    """``"2 epochs -1.5 [-2.5, -0.4] worse (lr 3e-3, 4 seeds)"``: one line of ``verdicts_long.csv`` against LoRA r=8."""
+    seeds = f"{r['seeds']} seed{'' if r['seeds'] == '1' else 's'}"
+    if r["Δ vs LoRA r=8 (paired)"] in ("", "—"):
+        return f"{epochs} epochs: {r['verdict'] or 'no verdict'} ({seeds})"
+    return f"{epochs} epochs {r['Δ vs LoRA r=8 (paired)']} {r['Δ 95% CI']} {r['verdict']} (lr {r['lr']}, {seeds})"
+
+
+def longer_training(rows: list[dict[str, str]], wanted: int | None = None) -> str:
+    """Per task, MELoRA r=1 against LoRA r=8 at the default epochs and after longer training, and whether the verdict holds.
+
+    ``rows``: ``tables/verdicts_long.csv`` (each task's lines at two epoch counts; the longer MELoRA line keeps the
+    ``n`` chosen at the default epochs). ``wanted``: the seeds per cell of the sweep (:func:`settled`). ``""`` without rows.
+    """
+    bullets = []
+    for task in dict.fromkeys(r["task"] for r in rows):
+        epochs = sorted({int(r["epochs"]) for r in rows if r["task"] == task})
+        melora = {int(r["epochs"]): r for r in rows if r["task"] == task and r["method"] != REFERENCE}
+        if len(epochs) < 2 or epochs[0] not in melora or epochs[-1] not in melora:
+            continue
+        short, long = melora[epochs[0]], melora[epochs[-1]]
+        if short["verdict"] in VERDICTS and long["verdict"] in VERDICTS:
+            outcome = "the same verdict" if short["verdict"] == long["verdict"] else "the verdict changes"
+        else:
+            outcome = "no verdict to compare yet"
+        n = f" ({short['chosen']})" if short.get("chosen") not in (None, "", "-") else ""  # chosen at the default epochs, kept
+        bullets.append(f"- {task}, MELoRA r=1{n} against {REFERENCE}: {_at_epochs(short, epochs[0])}; "
+                       f"{_at_epochs(long, epochs[-1])}: {outcome}.")
+    if not bullets:
+        return ""
+    longer = [r for r in rows if int(r["epochs"]) == max(int(x["epochs"]) for x in rows if x["task"] == r["task"])]
+    done, progress = settled(longer, wanted)
+    status = "" if done else f" Provisional: the longer runs are still being trained ({progress.replace('cells', 'lines')})."
+    return ("Does more training change the answer? Each line at its own lr chosen on the validation half, Δ paired over "
+            f"common seeds (`verdicts_long.md`).{status}\n\n" + "\n".join(bullets) + "\n")
+
+
 def headline(tables: Path, wanted_seeds: int | None = None) -> str | None:
     """The headline table's Markdown from the Table 2 files in ``tables``; ``None`` when neither exists.
 
@@ -120,8 +161,9 @@ def headline(tables: Path, wanted_seeds: int | None = None) -> str | None:
         seeds = f"up to {max(int(r['seeds']) for r in rows)} seeds per cell"
         status = "" if done else PROVISIONAL.format(progress=progress)
         scale = for_scale(rows, read_rows(tables / CONSTANT)) if (tables / CONSTANT).is_file() else ""
+        long = longer_training(read_rows(tables / LONG), wanted_seeds) if (tables / LONG).is_file() else ""
         return (markdown_table(*pivot(rows), NOTE_DEV_HALVES.format(seeds=seeds, status=status)) + "\n" + in_words(rows)
-                + (f"\n{scale}" if scale else ""))
+                + (f"\n{scale}" if scale else "") + (f"\n{long}" if long else ""))
     if (tables / HELDOUT).is_file():
         rows = read_rows(tables / HELDOUT)
         seeds = f"up to {max(int(r['seeds']) for r in rows)} seeds per cell"
