@@ -123,9 +123,26 @@ def test_the_headline_stays_provisional_until_every_cell_has_the_specs_seeds(tmp
     assert "Provisional" not in headline(tmp_path, wanted_seeds=5)
 
 
-def test_the_results_build_reads_the_seeds_wanted_from_the_verdicts_spec():
+def test_the_results_build_reads_the_seeds_wanted_from_each_rows_spec():
     from melora.experiments.report.build import _verdict_seeds
 
     records = [{"profile": "mini", "selection": {"split": "dev_halves"}}]
-    assert _verdict_seeds(records, None) == 5 and _verdict_seeds(records, "smoke") == 2
+    mini = _verdict_seeds(records, None)
+    assert {row: mini[row] for row in ("LoRA r=8", "MELoRA r=8", "MELoRA r=1", "MELoRA n=4 r=1")} == dict.fromkeys(
+        ("LoRA r=8", "MELoRA r=8", "MELoRA r=1", "MELoRA n=4 r=1"), 5)  # experiments/verdicts.yaml
+    assert {row: mini[row] for row in ("DyLoRA r=8", "AdaLoRA r=8", "Delta-LoRA r=8")} == dict.fromkeys(
+        ("DyLoRA r=8", "AdaLoRA r=8", "Delta-LoRA r=8"), 3)  # experiments/verdicts_baselines.yaml
+    assert _verdict_seeds(records, "smoke")["LoRA r=8"] == 2 and _verdict_seeds(records, "smoke")["DyLoRA r=8"] == 1
     assert _verdict_seeds([], None) is None
+
+
+def test_a_row_with_fewer_seeds_by_design_does_not_keep_the_headline_provisional(tmp_path):
+    melora = [line for line in rows_csv().splitlines() if line.startswith("MELoRA r=1,")]
+    baselines = "".join(line.replace("MELoRA r=1,", "DyLoRA r=8,").replace("n=8", "-").replace("n=2", "-") + "\n" for line in melora)
+    (tmp_path / "table2_verdicts.csv").write_text(rows_csv() + baselines.replace(",5,", ",3,"))
+    wanted = {"LoRA r=8": 5, "MELoRA r=1": 5, "DyLoRA r=8": 3}
+    assert "Provisional" not in headline(tmp_path, wanted)
+    assert "Provisional" in headline(tmp_path, 5)  # every row held to five seeds: the baselines never get there
+    (tmp_path / "table2_verdicts.csv").write_text(rows_csv(seeds_melora=4) + baselines.replace(",5,", ",2,"))
+    assert ("Provisional: the sweep is still running (2 of 6 cells with 5 seeds (3 for DyLoRA r=8) and a settled grid)"
+            in headline(tmp_path, wanted))

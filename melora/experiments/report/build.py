@@ -162,20 +162,46 @@ def _write_protocol_table(table, note: str, folder: Path, figure: str, log: Call
     return written
 
 
-def _verdict_seeds(records: list[dict], profile: str | None) -> int | None:
-    """The seeds the ``verdicts`` spec runs per cell at the dev-halves records' profile (``None`` if unknown)."""
+def _verdict_seeds(records: list[dict], profile: str | None) -> dict[str, int] | None:
+    """Table 2 row → the seeds per cell its dev-halves spec runs at the records' profile (``None`` if unknown).
+
+    The ``verdicts`` spec's rows (LoRA and MELoRA, with each n of MELoRA r=1 on its own) and the rows
+    ``verdicts_baselines`` adds (DyLoRA, AdaLoRA, Delta-LoRA), each at its own spec's seeds.
+    """
+    from melora.experiments.report import protocol, verdicts
     from melora.experiments.specs import load_spec
 
     profiles = {r.get("profile") for r in records if selection_of(r) == "dev_halves"}
     profile = profile or (profiles.pop() if len(profiles) == 1 else None)
-    try:
-        seeds = load_spec("verdicts")["profiles"].get(profile, {}).get("seeds") if profile else None
-    except FileNotFoundError:  # an installed package without the experiment specs
+    if profile is None:
         return None
-    return len(seeds) if seeds else None
+    wanted: dict[str, int] = {}
+    for name in ("verdicts", "verdicts_baselines"):
+        try:
+            spec = load_spec(name)
+        except FileNotFoundError:  # an installed package without the experiment specs
+            return None
+        seeds = spec["profiles"].get(profile, {}).get("seeds")
+        for method in (m for group in spec["groups"] for m in group["methods"]) if seeds else ():
+            config = _method_config(method)
+            for row in (protocol.row_of(config), verdicts.per_n_row(config)):
+                if row is not None:
+                    wanted.setdefault(row, len(seeds))
+    return wanted or None
 
 
-def _headline(tables: Path, log: Callable[[str], None], wanted_seeds: int | None = None) -> dict[str, list[Path]]:
+def _method_config(overrides: list[str]) -> dict:
+    """``["method=melora", "method.r=1", "method.n=8"]`` → ``{"method": "melora", "r": 1, "n": 8}``."""
+    import yaml
+
+    config = {}
+    for override in overrides:
+        key, _, value = override.partition("=")
+        config[key.removeprefix("method.")] = yaml.safe_load(value)
+    return config
+
+
+def _headline(tables: Path, log: Callable[[str], None], wanted_seeds: dict[str, int] | None = None) -> dict[str, list[Path]]:
     """``tables/headline.md``: Table 2's verdicts as a method × task grid (:mod:`melora.experiments.report.headline`).
 
     ``wanted_seeds``: the seeds per cell of the dev-halves sweep; until every cell has them, the headline says it is provisional.

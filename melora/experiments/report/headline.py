@@ -49,19 +49,29 @@ def read_rows(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
-def settled(rows: list[dict[str, str]], wanted: int | None = None) -> tuple[bool, str]:
+def settled(rows: list[dict[str, str]], wanted: int | dict[str, int] | None = None) -> tuple[bool, str]:
     """Whether every cell of a dev-halves Table 2 has its seeds and a bracketed lr.
 
-    ``wanted``: the seeds the sweep's spec gives every cell; without it, as many as the most
-    seeded cell, and at least three. Returns ``(settled, progress)``: the second says how many cells are.
+    ``wanted``: the seeds the sweeps' specs give each cell, one number for every row or a row → seeds
+    mapping (a row missing from it wants as many as the most any row wants); without it, as many as the
+    most seeded cell, and at least three. Returns ``(settled, progress)``: the second says how many cells are.
     """
     if not rows:
         return False, "no cells yet"
     most = max(int(r["seeds"]) for r in rows)
-    target = wanted or most
-    done = [r for r in rows if int(r["seeds"]) >= target and "extended" not in r["lr at grid edge"] and r["lr"] not in ("", "—")]
+    per_row = wanted if isinstance(wanted, dict) else {}
+    default = wanted if isinstance(wanted, int) else max(per_row.values(), default=most)
+    target = {r["method"]: per_row.get(r["method"], default) for r in rows}
+    done = [r for r in rows if int(r["seeds"]) >= target[r["method"]] and "extended" not in r["lr at grid edge"]
+            and r["lr"] not in ("", "—")]
     enough = wanted is not None or most >= 3
-    return len(done) == len(rows) and enough, f"{len(done)} of {len(rows)} cells with {target} seeds and a settled grid"
+    fewer: dict[int, list[str]] = {}
+    for method, seeds in target.items():
+        if seeds != default:
+            fewer.setdefault(seeds, []).append(method)
+    also = "".join(f"; {seeds} for {', '.join(methods)}" for seeds, methods in fewer.items())
+    seeds = f"{default} seeds" + (f" ({also[2:]})" if also else "")
+    return len(done) == len(rows) and enough, f"{len(done)} of {len(rows)} cells with {seeds} and a settled grid"
 
 
 def pivot(rows: list[dict[str, str]], delta: str = "Δ vs LoRA r=8 (paired)", interval: str = "Δ 95% CI") -> tuple[list[str], list[list[str]]]:
@@ -120,7 +130,7 @@ def _at_epochs(r: dict[str, str], epochs: int) -> str:
     return f"{epochs} epochs {r['Δ vs LoRA r=8 (paired)']} {r['Δ 95% CI']} {r['verdict']} (lr {r['lr']}, {seeds})"
 
 
-def longer_training(rows: list[dict[str, str]], wanted: int | None = None) -> str:
+def longer_training(rows: list[dict[str, str]], wanted: int | dict[str, int] | None = None) -> str:
     """Per task, MELoRA r=1 against LoRA r=8 at the default epochs and after longer training, and whether the verdict holds.
 
     ``rows``: ``tables/verdicts_long.csv`` (each task's lines at two epoch counts; the longer MELoRA line keeps the
@@ -149,10 +159,10 @@ def longer_training(rows: list[dict[str, str]], wanted: int | None = None) -> st
             f"common seeds (`verdicts_long.md`).{status}\n\n" + "\n".join(bullets) + "\n")
 
 
-def headline(tables: Path, wanted_seeds: int | None = None) -> str | None:
+def headline(tables: Path, wanted_seeds: int | dict[str, int] | None = None) -> str | None:
     """The headline table's Markdown from the Table 2 files in ``tables``; ``None`` when neither exists.
 
-    ``wanted_seeds``: the seeds the dev-halves spec runs per cell (:func:`settled`).
+    ``wanted_seeds``: the seeds the dev-halves specs run per cell, for every row or per row (:func:`settled`).
     """
     tables = Path(tables)
     if (tables / DEV_HALVES).is_file():
