@@ -546,8 +546,10 @@ def spec_cost(name: str, profile: str, extra: list[str] | None = None) -> dict:
     """What one spec has cost so far: its runs, how many are complete, their summed and median run time.
 
     Read from the records under the runs folder ``extra`` points at (``runs_root=…``). A
-    ``lr_from`` spec counts only the runs whose lr its grid has chosen (``waiting``: the others); an
-    ``lr_bracket`` spec counts its grid with the extensions its records have asked for so far.
+    ``lr_from`` spec counts only the runs whose lr its grid has chosen (``waiting``: the others); a
+    ``choices_from`` spec counts the runs of its settled rows, and for each row still waiting the three
+    lrs it will run at least (``waiting``); an ``lr_bracket`` spec counts its grid with the extensions
+    its records have asked for so far.
     Returns ``{"spec", "runs", "complete", "waiting", "summed_min", "median_min"}``.
     """
     import io
@@ -565,7 +567,15 @@ def spec_cost(name: str, profile: str, extra: list[str] | None = None) -> dict:
         if record is not None and record.get("status") == "completed" and record.get("wall_time_s") is not None:
             minutes.append(record["wall_time_s"] / 60)
     # An lr_bracket grid only grows (its extensions are runs too); lr_from and choices_from runs wait.
-    waiting = max(len(every) - len(runs), 0)
+    if spec.get("choices_from"):
+        # A settled row runs at its chosen lr and the two neighbours; a row still waiting will run at least as many.
+        def row(run: RunSpec) -> tuple[str, ...]:
+            return tuple(o for o in run.overrides if not o.startswith(("task.lr=", "method.n=", "runs_root=")))
+
+        settled = {row(run) for run in runs}
+        waiting = 3 * sum(row(run) not in settled for run in every)
+    else:
+        waiting = max(len(every) - len(runs), 0)
     return {"spec": name, "runs": len(runs) + waiting, "complete": len(minutes), "waiting": waiting,
             "summed_min": sum(minutes), "median_min": statistics.median(minutes) if minutes else None}
 

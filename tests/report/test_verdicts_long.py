@@ -16,11 +16,13 @@ SETTINGS = {
 }
 
 
-def fake_verdicts_runs(root: Path, seeds=(0, 1)) -> None:
+def fake_verdicts_runs(root: Path, seeds=(0, 1), methods=("lora", "melora")) -> None:
     """Records of the verdicts spec's smoke profile (MRPC), as the dev-halves runs write them."""
     from omegaconf import OmegaConf
 
     for overrides, (mc, values) in SETTINGS.items():
+        if mc["method"] not in methods:
+            continue
         for lr, val in values.items():
             for seed in seeds:
                 run = sweep.RunSpec("glue", ["profile=smoke", "model=minilm", "selection=dev_halves", "task=glue/mrpc", *overrides,
@@ -91,3 +93,16 @@ def test_the_headline_says_whether_longer_training_keeps_the_verdict(tmp_path):
     assert "Does more training" not in headline(tmp_path)
     (tmp_path / "verdicts_long.csv").write_text(LONG_CSV.format(seeds=5, verdict="no detectable difference"))
     assert headline(tmp_path, 5).endswith("(lr 3e-3, 5 seeds): the verdict changes.\n")
+
+
+def test_cost_counts_the_runs_a_waiting_row_will_need(tmp_path):
+    from melora.experiments.sweep import spec_cost
+
+    extra = [f"runs_root={tmp_path}"]
+    # Smoke: MRPC, LoRA r=8 and MELoRA r=1, two seeds; each row runs at its chosen lr and the two neighbours.
+    assert {k: spec_cost("verdicts_long", "smoke", extra)[k] for k in ("runs", "waiting")} == {"runs": 12, "waiting": 12}
+    fake_verdicts_runs(tmp_path, seeds=(0,))
+    fake_verdicts_runs(tmp_path, seeds=(1,), methods=("lora",))  # LoRA's choice settles; MELoRA's still waits
+    assert {k: spec_cost("verdicts_long", "smoke", extra)[k] for k in ("runs", "waiting")} == {"runs": 12, "waiting": 6}
+    fake_verdicts_runs(tmp_path, seeds=(1,), methods=("melora",))
+    assert {k: spec_cost("verdicts_long", "smoke", extra)[k] for k in ("runs", "waiting")} == {"runs": 12, "waiting": 0}
