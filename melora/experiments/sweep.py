@@ -87,6 +87,9 @@ def with_chosen_lr(spec: dict, runs: list[RunSpec], profile: str, extra: list[st
     return out
 
 
+LRS_PER_CHOICE = 3  # a choices_from row runs at the chosen lr and its two neighbours on the ladder
+
+
 def grid_key(config: dict) -> str:
     """What a learning-rate grid varies over: the hash of a resolved run config without its lr, seed and folders.
 
@@ -195,7 +198,7 @@ def with_verdict_choices(spec: dict, runs: list[RunSpec], profile: str, extra: l
         if not settled:
             waiting.add((cfg.task.name, row))
             continue
-        lrs = [ladder_step(choice.lr, up=False), choice.lr, ladder_step(choice.lr, up=True)]
+        lrs = [ladder_step(choice.lr, up=False), choice.lr, ladder_step(choice.lr, up=True)]  # LRS_PER_CHOICE
         overrides = [o for o in run.overrides if not o.startswith(("task.lr=", "method.n="))]
         if row == verdicts.BEST_OF_N:
             overrides.append(f"method.{choice.setting}")  # "n=8" -> method.n=8
@@ -573,7 +576,7 @@ def spec_cost(name: str, profile: str, extra: list[str] | None = None) -> dict:
             return tuple(o for o in run.overrides if not o.startswith(("task.lr=", "method.n=", "runs_root=")))
 
         settled = {row(run) for run in runs}
-        waiting = 3 * sum(row(run) not in settled for run in every)
+        waiting = LRS_PER_CHOICE * sum(row(run) not in settled for run in every)
     else:
         waiting = max(len(every) - len(runs), 0)
     return {"spec": name, "runs": len(runs) + waiting, "complete": len(minutes), "waiting": waiting,

@@ -136,9 +136,9 @@ def longer_training(rows: list[dict[str, str]], wanted: int | dict[str, int] | N
     ``rows``: ``tables/verdicts_long.csv`` (each task's lines at two epoch counts; the longer MELoRA line keeps the
     ``n`` chosen at the default epochs). ``wanted``: the seeds per cell of the sweep (:func:`settled`). ``""`` without rows.
     """
+    runs = {task: sorted({int(r["epochs"]) for r in rows if r["task"] == task}) for task in dict.fromkeys(r["task"] for r in rows)}
     bullets = []
-    for task in dict.fromkeys(r["task"] for r in rows):
-        epochs = sorted({int(r["epochs"]) for r in rows if r["task"] == task})
+    for task, epochs in runs.items():
         melora = {int(r["epochs"]): r for r in rows if r["task"] == task and r["method"] != REFERENCE}
         if len(epochs) < 2 or epochs[0] not in melora or epochs[-1] not in melora:
             continue
@@ -152,7 +152,7 @@ def longer_training(rows: list[dict[str, str]], wanted: int | dict[str, int] | N
                        f"{_at_epochs(long, epochs[-1])}: {outcome}.")
     if not bullets:
         return ""
-    longer = [r for r in rows if int(r["epochs"]) == max(int(x["epochs"]) for x in rows if x["task"] == r["task"])]
+    longer = [r for r in rows if int(r["epochs"]) == runs[r["task"]][-1]]
     done, progress = settled(longer, wanted)
     status = "" if done else f" Provisional: the longer runs are still being trained ({progress.replace('cells', 'lines')})."
     return ("Does more training change the answer? Each line at its own lr chosen on the validation half, Δ paired over "
