@@ -185,7 +185,13 @@ def test_dominance_says_above_below_or_crosses():
     assert dominance(records, "mrpc", "LoRA r=8", "MELoRA n=2 r=8") == "below at every lr"
     assert dominance(records, "mrpc", "MELoRA n=4 r=1", "LoRA r=8") == "crosses"
     assert dominance(records, "mrpc", "MELoRA n=8 r=1", "LoRA r=8") == "no common lr"
-    assert verdicts.dominance_text(curves(records, "mrpc")) == "MELoRA n=2 r=8 above LoRA r=8 at every lr; MELoRA n=4 r=1 crosses LoRA r=8"
+    level = [record("mrpc", "melora_n2_r1", lr, seed, 0.7, {1e-3: 0.70, 3e-3: 0.74, 1e-2: 0.72}[lr])
+             for seed in range(2) for lr in (1e-3, 3e-3, 1e-2)]
+    lines = curves(records + level, "mrpc")
+    assert verdicts.signs(lines["MELoRA n=2 r=1"], lines["LoRA r=8"]) == {1e-3: 0, 3e-3: -1, 1e-2: 0}
+    assert "MELoRA n=2 r=1 crosses LoRA r=8 (level at 1e-3; below at 3e-3; level at 1e-2)" in verdicts.dominance_text(lines)
+    assert verdicts.dominance_text(curves(records, "mrpc")) == ("MELoRA n=2 r=8 above LoRA r=8 at every lr; "
+                                                                "MELoRA n=4 r=1 crosses LoRA r=8 (above at 1e-3; below at 3e-3; above at 1e-2)")
 
 
 def test_lr_table_has_every_point_and_marks_the_choices():

@@ -191,15 +191,13 @@ def curves(records: list[dict], task: str, epochs: int | dict[str, int] | None =
     return _curves(*_line_cells(records, _epochs(records, epochs)), task)
 
 
-def compare(above: Curve, below: Curve) -> str:
-    """Whether ``above``'s mean test-half metric is above ``below``'s at every lr both ran, below at every one, or neither.
+def signs(above: Curve, below: Curve) -> dict[float, int]:
+    """lr → 1, 0 or -1: whether ``above``'s mean test-half metric is above, level with or below ``below``'s there.
 
-    Means are over the seeds both have at each lr; a collapsed mean ranks lowest and an lr where both collapsed says nothing.
-
-    Returns:
-        ``"above at every lr"``, ``"below at every lr"``, ``"crosses"`` (a tie counts as crossing), or ``"no common lr"``.
+    Only the lrs both ran, means over the seeds both have at each; a collapsed mean ranks lowest and an lr where
+    both collapsed (or that shares no seed) is left out.
     """
-    signs = set()
+    found = {}
     for lr in sorted(set(above.points) & set(below.points)):
         a, b = above.points[lr][1], below.points[lr][1]
         seeds = set(a.seeds) & set(b.seeds)
@@ -208,10 +206,33 @@ def compare(above: Curve, below: Curve) -> str:
         mean_a, mean_b = ranked(protocol.mean_on(a, seeds)), ranked(protocol.mean_on(b, seeds))
         if mean_a == mean_b == -math.inf:
             continue
-        signs.add((mean_a > mean_b) - (mean_a < mean_b))
-    if not signs:
+        found[lr] = (mean_a > mean_b) - (mean_a < mean_b)
+    return found
+
+
+def compare(above: Curve, below: Curve) -> str:
+    """Whether ``above``'s mean test-half metric is above ``below``'s at every lr both ran, below at every one, or neither.
+
+    Returns:
+        ``"above at every lr"``, ``"below at every lr"``, ``"crosses"`` (a tie counts as crossing), or ``"no common lr"``
+        (:func:`signs` is empty).
+    """
+    found = set(signs(above, below).values())
+    if not found:
         return "no common lr"
-    return "above at every lr" if signs == {1} else "below at every lr" if signs == {-1} else "crosses"
+    return "above at every lr" if found == {1} else "below at every lr" if found == {-1} else "crosses"
+
+
+def _where(by_lr: dict[float, int]) -> str:
+    """``"below at 1e-3, 3e-3; above at 1e-2"``: the side at each lr, from the smallest lr up, runs of one side joined."""
+    runs: list[tuple[str, list[str]]] = []
+    for lr, sign in sorted(by_lr.items()):
+        side = {1: "above", 0: "level", -1: "below"}[sign]
+        if runs and runs[-1][0] == side:
+            runs[-1][1].append(lr_text(lr))
+        else:
+            runs.append((side, [lr_text(lr)]))
+    return "; ".join(f"{side} at {', '.join(lrs)}" for side, lrs in runs)
 
 
 def dominance(records: list[dict], task: str, row_a: str, row_b: str, epochs: int | dict[str, int] | None = None) -> str:
@@ -227,15 +248,20 @@ def dominance(records: list[dict], task: str, row_a: str, row_b: str, epochs: in
 
 
 def dominance_text(lines: dict[str, Curve], reference: str = REFERENCE) -> str:
-    """Each MELoRA line against ``reference`` in words: ``"MELoRA n=2 r=8 above LoRA r=8 at every lr; MELoRA n=2 r=1 crosses …"``."""
+    """Each MELoRA line against ``reference`` in words.
+
+    ``"MELoRA n=2 r=8 above LoRA r=8 at every lr; MELoRA n=2 r=1 crosses LoRA r=8 (below at 1e-3, 3e-3; above at 1e-2)"``.
+    """
     if reference not in lines:
         return ""
     parts = []
     for label, curve in lines.items():
         verdict = compare(curve, lines[reference]) if label.startswith("MELoRA") else "no common lr"
-        if verdict != "no common lr":
+        if verdict == "crosses":
+            parts.append(f"{label} crosses {reference} ({_where(signs(curve, lines[reference]))})")
+        elif verdict != "no common lr":
             position, _, where = verdict.partition(" ")  # "above", "at every lr"
-            parts.append(f"{label} {position} {reference}" + (f" {where}" if where else ""))
+            parts.append(f"{label} {position} {reference} {where}")
     return "; ".join(parts)
 
 
