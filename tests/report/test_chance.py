@@ -83,6 +83,21 @@ def test_the_headline_gives_lora_and_the_floor_for_scale(tmp_path):
         "task,metric,constant prediction,test half ×100,test half (examples)\nSST-2,accuracy,always 'positive',50.9,436\n")
     assert "LoRA r=8 at its chosen lr scores SST-2 80.8; predicting the validation half's most frequent class" in headline(tmp_path)
     assert "for every example scores SST-2 50.9 " in headline(tmp_path)
+    assert "not learned" not in headline(tmp_path)
+
+
+def test_the_headline_says_where_lora_cannot_be_told_from_a_constant_prediction(tmp_path):
+    (tmp_path / "table2_verdicts.csv").write_text(
+        "method,task,chosen,lr,lr at grid edge,lrs tried,seeds,validation,test mean ± std,test 95% CI,Δ vs LoRA r=8 (paired),Δ 95% CI,verdict\n"
+        'LoRA r=8,SST-2,-,3e-3,—,"1e-3, 3e-3, 1e-2",5,82.5,80.8 ± 0.2,"[79.4, 82.3]",—,—,reference\n'
+        'LoRA r=8,CoLA,-,1e-3,—,"1e-3, 3e-3, 1e-2",5,12.1,5.4 ± 6.7,"[-2.9, 13.7]",—,—,reference\n'
+        'MELoRA r=1,CoLA,n=8,3e-3,—,"1e-3, 3e-3, 1e-2",5,11.3,1.3 ± 6.2,"[-6.4, 9.1]",-4.1,"[-16.7, 8.6]",no detectable difference\n')
+    (tmp_path / "constant_prediction.csv").write_text(
+        "task,metric,constant prediction,test half ×100,test half (examples)\nSST-2,accuracy,always 'positive',50.9,436\n"
+        "CoLA,Matthews corr.,always 'acceptable',0.0,521\n")
+    text = headline(tmp_path)
+    assert "On CoLA, LoRA r=8's 95 % interval over seeds [-2.9, 13.7] contains the constant prediction's score" in text
+    assert "On SST-2" not in text
 
 
 def test_the_lr_figure_draws_the_floor_only_near_the_curves():

@@ -109,17 +109,37 @@ def in_words(rows: list[dict[str, str]]) -> str:
     return "\n".join(bullets) + "\n"
 
 
+def _interval(text: str) -> tuple[float, float] | None:
+    """``"[-2.9, 13.7]"`` → ``(-2.9, 13.7)``; ``None`` for ``"—"`` or an empty cell."""
+    try:
+        low, high = text.strip("[] ").split(",")
+        return float(low), float(high)
+    except ValueError:
+        return None
+
+
 def for_scale(rows: list[dict[str, str]], constant: list[dict[str, str]]) -> str:
-    """One sentence: LoRA r=8's test-half mean and a constant prediction's score per task, ``""`` without either."""
-    reference = {r["task"]: r["test mean ± std"].split(" ±")[0] for r in rows if r["method"] == REFERENCE and r["test mean ± std"] not in ("", "—")}
+    """LoRA r=8's test-half mean and a constant prediction's score per task; ``""`` without either.
+
+    A second sentence names the tasks where LoRA r=8's own 95 % interval contains the constant prediction's score:
+    there the reference is not distinguishable from predicting one class, and a verdict against it says little.
+    """
+    found = {r["task"]: r for r in rows if r["method"] == REFERENCE and r["test mean ± std"] not in ("", "—")}
     floor = {r["task"]: r["test half ×100"] for r in constant}
-    tasks = [t for t in dict.fromkeys(r["task"] for r in rows) if t in reference and t in floor]
+    tasks = [t for t in dict.fromkeys(r["task"] for r in rows) if t in found and t in floor]
     if not tasks:
         return ""
-    return (f"For scale, on the test half (×100): {REFERENCE} at its chosen lr scores "
-            + ", ".join(f"{t} {reference[t]}" for t in tasks)
+    text = (f"For scale, on the test half (×100): {REFERENCE} at its chosen lr scores "
+            + ", ".join(f"{t} {found[t]['test mean ± std'].split(' ±')[0]}" for t in tasks)
             + "; predicting the validation half's most frequent class for every example scores "
-            + ", ".join(f"{t} {floor[t]}" for t in tasks) + " (`constant_prediction.md`; a correlation is 0 for any constant).\n")
+            + ", ".join(f"{t} {floor[t]}" for t in tasks) + " (`constant_prediction.md`; a correlation is 0 for any constant).")
+    unlearned = [t for t in tasks if (ci := _interval(found[t].get("test 95% CI", ""))) and ci[0] <= float(floor[t]) <= ci[1]]
+    if unlearned:
+        text += (f" On {', '.join(unlearned)}, {REFERENCE}'s 95 % interval over seeds "
+                 + ", ".join(found[t]["test 95% CI"] for t in unlearned)
+                 + " contains the constant prediction's score: it is not detectably learned at this scale, and a verdict "
+                 "against a reference that does not beat a constant prediction says little.")
+    return text + "\n"
 
 
 def _at_epochs(r: dict[str, str], epochs: int) -> str:
