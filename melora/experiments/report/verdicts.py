@@ -217,7 +217,12 @@ def compare(above: Curve, below: Curve) -> str:
         ``"above at every lr"``, ``"below at every lr"``, ``"crosses"`` (a tie counts as crossing), or ``"no common lr"``
         (:func:`signs` is empty).
     """
-    found = set(signs(above, below).values())
+    return _side(signs(above, below))
+
+
+def _side(by_lr: dict[float, int]) -> str:
+    """:func:`compare`'s answer from :func:`signs`."""
+    found = set(by_lr.values())
     if not found:
         return "no common lr"
     return "above at every lr" if found == {1} else "below at every lr" if found == {-1} else "crosses"
@@ -256,9 +261,10 @@ def dominance_text(lines: dict[str, Curve], reference: str = REFERENCE) -> str:
         return ""
     parts = []
     for label, curve in lines.items():
-        verdict = compare(curve, lines[reference]) if label.startswith("MELoRA") else "no common lr"
+        by_lr = signs(curve, lines[reference]) if label.startswith("MELoRA") else {}
+        verdict = _side(by_lr)
         if verdict == "crosses":
-            parts.append(f"{label} crosses {reference} ({_where(signs(curve, lines[reference]))})")
+            parts.append(f"{label} crosses {reference} ({_where(by_lr)})")
         elif verdict != "no common lr":
             position, _, where = verdict.partition(" ")  # "above", "at every lr"
             parts.append(f"{label} {position} {reference} {where}")
